@@ -1,0 +1,191 @@
+//! The `tern` command line. Flags map onto the same [`VmConfig`] as the
+//! config file; a flag given together with `--config-file` overrides the
+//! file's value.
+
+use std::path::PathBuf;
+
+use crate::config::{BootSource, ConfigError, SerialOutput, VmConfig};
+use crate::kvm::cpuid::CpuTemplate;
+
+/// Usage text for `--help`.
+pub const USAGE: &str = "\
+usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
+            [--serial stdout|file:PATH|none] [--cpu-template host|baseline|pvm]
+            [--config-file PATH]
+
+Boots a microVM on an emulated q35 machine and runs it until the guest powers
+off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
+
+  --kernel PATH         ELF (PVH note or 64-bit entry) or bzImage kernel
+  --initrd PATH         initramfs
+  --cmdline STR         kernel command line
+  --cpus N              vCPUs (default 1)
+  --memory MIB          guest RAM in MiB (default 128)
+  --serial WHERE        serial console: stdout (default), file:PATH or none
+  --cpu-template NAME   host (default on hardware KVM), baseline, or pvm
+                        (default on kvm_pvm hosts)
+  --config-file PATH    JSON with machine-config, boot-source, serial sections
+  --help, --version
+";
+
+/// Errors on the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// An unknown flag.
+    #[error("unknown option '{0}' (see --help)")]
+    Unknown(String),
+    /// A flag without its value.
+    #[error("option '{0}' needs a value")]
+    MissingValue(String),
+    /// A value that does not parse.
+    #[error("invalid value '{value}' for {flag}: {why}")]
+    BadValue {
+        /// The flag.
+        flag: String,
+        /// The value.
+        value: String,
+        /// Why.
+        why: String,
+    },
+    /// The config file is bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    /// Print usage.
+    Help,
+    /// Print the version.
+    Version,
+    /// Boot a VM.
+    Run(VmConfig),
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| CliError::BadValue {
+        flag: flag.into(),
+        value: value.into(),
+        why: e.to_string(),
+    })
+}
+
+/// Parses `args` (without the program name).
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            _ => {}
+        }
+        let Some(name) = arg.strip_prefix("--") else {
+            return Err(CliError::Unknown(arg));
+        };
+        let (flag, value) = match name.split_once('=') {
+            Some((f, v)) => (format!("--{f}"), v.to_string()),
+            None => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| CliError::MissingValue(arg.clone()))?;
+                (arg.clone(), v)
+            }
+        };
+        pairs.push((flag, value));
+    }
+
+    let mut config = match pairs.iter().find(|(f, _)| f == "--config-file") {
+        Some((_, path)) => VmConfig::from_file(&PathBuf::from(path))?,
+        None => VmConfig::default(),
+    };
+    let mut kernel: Option<PathBuf> = None;
+    let mut initrd: Option<PathBuf> = None;
+    let mut cmdline: Option<String> = None;
+    for (flag, value) in pairs {
+        match flag.as_str() {
+            "--config-file" => {}
+            "--kernel" => kernel = Some(value.into()),
+            "--initrd" => initrd = Some(value.into()),
+            "--cmdline" => cmdline = Some(value),
+            "--cpus" => config.machine_config.vcpu_count = parse_num(&flag, &value)?,
+            "--memory" => config.machine_config.mem_size_mib = parse_num(&flag, &value)?,
+            "--serial" => config.serial = parse_num::<SerialOutput>(&flag, &value)?,
+            "--cpu-template" => {
+                config.machine_config.cpu_template = Some(parse_num::<CpuTemplate>(&flag, &value)?)
+            }
+            _ => return Err(CliError::Unknown(flag)),
+        }
+    }
+    if kernel.is_some() || initrd.is_some() || cmdline.is_some() {
+        let boot = config.boot_source.get_or_insert_with(|| BootSource {
+            kernel_image_path: PathBuf::new(),
+            initrd_path: None,
+            boot_args: None,
+        });
+        if let Some(k) = kernel {
+            boot.kernel_image_path = k;
+        }
+        if initrd.is_some() {
+            boot.initrd_path = initrd;
+        }
+        if cmdline.is_some() {
+            boot.boot_args = cmdline;
+        }
+        if boot.kernel_image_path.as_os_str().is_empty() {
+            return Err(CliError::MissingValue("--kernel".into()));
+        }
+    }
+    config.validate()?;
+    Ok(Command::Run(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn flags_fill_the_config() {
+        let Command::Run(c) = parse(args(
+            "--kernel /k --cpus 4 --memory=512 --cmdline x --serial none",
+        ))
+        .unwrap() else {
+            panic!("not a run");
+        };
+        assert_eq!(c.machine_config.vcpu_count, 4);
+        assert_eq!(c.machine_config.mem_size_mib, 512);
+        assert_eq!(c.serial, SerialOutput::None);
+        let b = c.boot_source.unwrap();
+        assert_eq!(b.kernel_image_path, PathBuf::from("/k"));
+        assert_eq!(b.boot_args.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        assert!(matches!(
+            parse(args("--bogus 1")),
+            Err(CliError::Unknown(_))
+        ));
+        assert!(matches!(
+            parse(args("--kernel")),
+            Err(CliError::MissingValue(_))
+        ));
+        assert!(matches!(
+            parse(args("--kernel /k --cpus x")),
+            Err(CliError::BadValue { .. })
+        ));
+        assert!(matches!(parse(args("--cpus 2")), Err(CliError::Config(_))));
+        assert!(matches!(
+            parse(args("--kernel /k --cpu-template fast")),
+            Err(CliError::BadValue { .. })
+        ));
+    }
+}

@@ -1,0 +1,216 @@
+//! The VM configuration: one model for the command line, the
+//! `--config-file` JSON and (later) the HTTP API, whose bodies these
+//! sections are.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::kvm::cpuid::CpuTemplate;
+use crate::memory::{MAX_MEM_MIB, MIN_MEM_MIB};
+
+/// Most vCPUs a VM may have: the MADT describes them with xAPIC entries
+/// (IDs below 255) and the guest kit's kernel has NR_CPUS=64, but tern
+/// itself supports up to this many.
+pub const MAX_VCPUS: u32 = 254;
+
+/// Errors in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {err}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// OS error.
+        err: std::io::Error,
+    },
+    /// The config file is not valid JSON for this model.
+    #[error("invalid config file {path}: {err}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// What serde said, with line and column.
+        err: serde_json::Error,
+    },
+    /// A value out of range or missing.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `machine-config`: the vCPUs and memory (Firecracker's body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading (two threads per core). Only `false` is
+    /// supported so far.
+    #[serde(default)]
+    pub smt: bool,
+    /// CPU template; the host's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Track dirty pages (for diff snapshots and migration).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            cpu_template: None,
+            track_dirty_pages: false,
+        }
+    }
+}
+
+/// `boot-source`: what to boot (Firecracker's body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Kernel image: ELF (PVH or 64-bit entry) or bzImage.
+    pub kernel_image_path: PathBuf,
+    /// Optional initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "mode", content = "path")]
+pub enum SerialOutput {
+    /// tern's standard output (input from standard input).
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(SerialOutput::Stdout),
+            "none" => Ok(SerialOutput::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "invalid serial output '{s}' (stdout, file:PATH or none)"
+                )),
+            },
+        }
+    }
+}
+
+/// The whole VM configuration, as in `--config-file`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// Kernel, initrd, command line.
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSource>,
+    /// Serial console output.
+    #[serde(default)]
+    pub serial: SerialOutput,
+}
+
+impl VmConfig {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.to_owned(),
+            err,
+        })?;
+        serde_json::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            err,
+        })
+    }
+
+    /// Checks ranges and required parts before anything is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.machine_config;
+        if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "vcpu_count {} is out of range (1 to {MAX_VCPUS})",
+                m.vcpu_count
+            )));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&m.mem_size_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "mem_size_mib {} is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB})",
+                m.mem_size_mib
+            )));
+        }
+        if m.smt {
+            return Err(ConfigError::Invalid("smt=true is not supported yet".into()));
+        }
+        if self.boot_source.is_none() {
+            return Err(ConfigError::Invalid(
+                "no kernel given (--kernel or boot-source)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_firecracker_shaped_sections() {
+        let json = r#"{
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "cpu_template": "pvm"},
+            "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+            "serial": {"mode": "file", "path": "/tmp/s"}
+        }"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        assert_eq!(c.machine_config.cpu_template, Some(CpuTemplate::Pvm));
+        assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
+        c.validate().unwrap();
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(
+            serde_json::from_str::<VmConfig>(r#"{"machine-config": {"vcpu_count": 1}}"#).is_err()
+        );
+        assert!(serde_json::from_str::<VmConfig>(r#"{"bogus": 1}"#).is_err());
+        let mut c = VmConfig {
+            boot_source: Some(BootSource {
+                kernel_image_path: "/k".into(),
+                initrd_path: None,
+                boot_args: None,
+            }),
+            ..Default::default()
+        };
+        c.machine_config.mem_size_mib = 8;
+        assert!(c.validate().is_err());
+        c.machine_config.mem_size_mib = 64;
+        c.machine_config.vcpu_count = 0;
+        assert!(c.validate().is_err());
+        assert!("file:".parse::<SerialOutput>().is_err());
+    }
+}

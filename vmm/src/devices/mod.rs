@@ -1,0 +1,11 @@
+//! Emulated devices that tern serves itself: the legacy PC devices of the
+//! q35 machine. (virtio devices are served by vhost-user backends.)
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
+pub mod reset_control;
+pub mod rtc;
+pub mod serial;
+pub mod sink;

@@ -1,0 +1,119 @@
+//! COM1: a 16550 UART (vm-superio) whose interrupt is an irqfd and whose
+//! output goes to stdout, a file, or nowhere.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{lock, BusDevice};
+
+/// An irqfd-backed interrupt line.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Serial output that reaches its sink a line at a time (or on exit), so that
+/// a guest printing byte by byte does not cost a syscall per byte, while a
+/// reader waiting for a line sees it as soon as it is complete.
+pub struct SerialOut {
+    inner: io::LineWriter<Box<dyn Write + Send>>,
+}
+
+impl SerialOut {
+    /// Wraps a sink.
+    pub fn new(sink: Box<dyn Write + Send>) -> Self {
+        Self {
+            inner: io::LineWriter::new(sink),
+        }
+    }
+}
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The UART as a bus device.
+pub struct SerialDevice {
+    uart: Serial<EventFdTrigger, NoEvents, SerialOut>,
+}
+
+/// A shared handle, kept by the VMM to feed input and to flush at exit.
+pub type SharedSerial = Arc<Mutex<SerialDevice>>;
+
+impl SerialDevice {
+    /// A UART raising `irq` on output to `out`.
+    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+        Self {
+            uart: Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Queues bytes from the host console for the guest to read. Returns how
+    /// many fit in the FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Flushes pending output (at VM exit).
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Registers are bytes; wider accesses read the first register and
+        // pad with ones.
+        data.fill(0xff);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            // A failed write means the sink (stdout, file) is gone; the guest
+            // must keep running, so the byte is dropped.
+            let _ = self.uart.write(off, value);
+        }
+    }
+}
+
+/// Feeds the host's stdin into the UART until stdin closes. Runs on its own
+/// thread; bytes that do not fit in the FIFO wait until the guest drains it.
+pub fn forward_stdin(serial: SharedSerial) {
+    let mut stdin = io::stdin().lock();
+    let mut buf = [0u8; 64];
+    loop {
+        let n = match io::Read::read(&mut stdin, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let taken = lock(&serial).enqueue_input(rest);
+            rest = &rest[taken..];
+            if !rest.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+}

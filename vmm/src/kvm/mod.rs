@@ -1,0 +1,7 @@
+//! KVM: the VM, its vCPUs, and the CPU state they start with.
+
+pub mod cpuid;
+pub mod msrs;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;

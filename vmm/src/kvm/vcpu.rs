@@ -1,0 +1,286 @@
+//! vCPUs: per-vCPU setup (CPUID, MSRs, FPU, LAPIC) and the KVM_RUN loop
+//! that sends port and MMIO exits to the device buses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_lapic_state, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use super::cpuid::{self, CpuTemplate};
+use super::msrs;
+use crate::devices::bus::Bus;
+use crate::exit::{ExitReason, ExitSender};
+
+/// Errors creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("vCPU {index}: {what} failed: {err}")]
+    Kvm {
+        /// vCPU index.
+        index: u32,
+        /// Operation.
+        what: &'static str,
+        /// KVM error.
+        err: kvm_ioctls::Error,
+    },
+    /// MSR setup failed.
+    #[error("vCPU {0}: {1}")]
+    Msr(u32, msrs::MsrError),
+    /// The vCPU thread could not be started.
+    #[error("cannot start vCPU thread {0}: {1}")]
+    Thread(u32, std::io::Error),
+}
+
+/// Counters of vCPU exits by kind, shared by all vCPUs (read by metrics).
+#[derive(Default, Debug)]
+pub struct ExitCounters {
+    /// Port I/O exits.
+    pub io: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Port accesses nothing claimed.
+    pub unhandled_io: AtomicU64,
+    /// MMIO accesses nothing claimed.
+    pub unhandled_mmio: AtomicU64,
+    /// Other exits (HLT, IRQ window, interrupted runs).
+    pub other: AtomicU64,
+}
+
+/// What a vCPU thread needs to run.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u32,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitSender,
+    counters: Arc<ExitCounters>,
+}
+
+/// Offsets of the LAPIC's LVT LINT0/LINT1 registers and the delivery modes
+/// the PC wiring expects: LINT0 is the 8259's ExtINT, LINT1 the NMI.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+fn lapic_reg(state: &kvm_lapic_state, off: usize) -> u32 {
+    let b = &state.regs[off..off + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+}
+
+fn set_lapic_reg(state: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        state.regs[off + i] = *b as _;
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and LAPIC.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        count: u32,
+        base_cpuid: &CpuId,
+        template: CpuTemplate,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: ExitSender,
+        counters: Arc<ExitCounters>,
+    ) -> Result<Self, VcpuError> {
+        let kvm_err = |what| move |err| VcpuError::Kvm { index, what, err };
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = cpuid::for_vcpu(base_cpuid, template, index, count);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let refused = msrs::setup_msrs(&fd).map_err(|e| VcpuError::Msr(index, e))?;
+        if !refused.is_empty() && index == 0 {
+            log::warn!("this host's KVM refused boot MSRs {refused:#x?}; continuing without them");
+        }
+        super::regs::setup_fpu(&fd).map_err(|e| match e {
+            super::regs::RegsError::Kvm { err, .. } => VcpuError::Kvm {
+                index,
+                what: "KVM_SET_FPU",
+                err,
+            },
+            _ => VcpuError::Kvm {
+                index,
+                what: "KVM_SET_FPU",
+                err: kvm_ioctls::Error::new(libc::EINVAL),
+            },
+        })?;
+        let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        let lvt0 = lapic_reg(&lapic, APIC_LVT0);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT0,
+            (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8),
+        );
+        let lvt1 = lapic_reg(&lapic, APIC_LVT1);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT1,
+            (lvt1 & !0x700) | (APIC_MODE_NMI << 8),
+        );
+        fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        Ok(Self {
+            fd,
+            index,
+            pio,
+            mmio,
+            exit,
+            counters,
+        })
+    }
+
+    /// The KVM vCPU, for boot register setup.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Starts the vCPU's thread. It runs until the VM ends.
+    pub fn start(self) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run())
+            .map_err(|e| VcpuError::Thread(index, e))
+    }
+
+    fn fail(&self, message: String) {
+        self.exit.send(ExitReason::VcpuError {
+            vcpu: self.index,
+            message,
+        });
+    }
+
+    fn rip(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(r) => format!("{:#x}", r.rip),
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+
+    /// Describes a KVM_EXIT_INTERNAL_ERROR from the kvm_run area.
+    fn internal_error(&mut self) -> String {
+        let rip = self.rip();
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+        // `internal` member of the union is the one KVM filled in.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            1 => "emulation failure: the host's KVM could not emulate a guest instruction",
+            2 => "simultaneous exceptions",
+            3 => "delivery event failure",
+            4 => "unexpected exit reason",
+            _ => "unknown suberror",
+        };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        let hint = if cpuid::is_pvm_host() {
+            " (kvm_pvm host: use --cpu-template pvm and the kernel options in docs/pvm.md)"
+        } else {
+            ""
+        };
+        format!(
+            "KVM_EXIT_INTERNAL_ERROR suberror {} ({what}) at guest RIP {rip}, data [{}]{hint}",
+            internal.suberror,
+            data.join(", ")
+        )
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.exit.is_stopping() {
+                return;
+            }
+            let result = self.fd.run();
+            match result {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.counters.io.fetch_add(1, Ordering::Relaxed);
+                    if !self.pio.read(u64::from(port), data) {
+                        self.counters.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.counters.io.fetch_add(1, Ordering::Relaxed);
+                    if !self.pio.write(u64::from(port), data) {
+                        self.counters.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    if !self.mmio.read(addr, data) {
+                        self.counters.unhandled_mmio.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    if !self.mmio.write(addr, data) {
+                        self.counters.unhandled_mmio.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    self.exit.send(ExitReason::TripleFault);
+                    return;
+                }
+                Ok(VcpuExit::SystemEvent(kind, data)) => {
+                    match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => self.exit.send(ExitReason::PowerOff),
+                        KVM_SYSTEM_EVENT_RESET => {
+                            self.exit.send(ExitReason::Reset("KVM system event"))
+                        }
+                        KVM_SYSTEM_EVENT_CRASH => {
+                            let msg = format!("guest crash event {data:x?}");
+                            self.fail(msg)
+                        }
+                        other => {
+                            let msg = format!("unknown KVM system event {other}");
+                            self.fail(msg)
+                        }
+                    }
+                    return;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let msg = self.internal_error();
+                    self.fail(msg);
+                    return;
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    let msg = format!(
+                        "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x} on host CPU {cpu}) at guest RIP {}",
+                        self.rip()
+                    );
+                    self.fail(msg);
+                    return;
+                }
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {
+                    self.counters.other.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(other) => {
+                    let what = format!("{other:?}");
+                    let msg = format!("unexpected exit {what} at guest RIP {}", self.rip());
+                    self.fail(msg);
+                    return;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.counters.other.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let msg = format!("KVM_RUN failed: {e} at guest RIP {}", self.rip());
+                    self.fail(msg);
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The KVM VM: creation, guest memory slots, in-kernel irqchip and PIT.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Where KVM puts the three-page TSS it needs for real-mode emulation on
+/// Intel; just below the BIOS area at the top of 4 GiB, outside RAM.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors creating or setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing.
+    #[error("/dev/kvm does not exist: tern needs KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
+    NoKvm,
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is this user in the kvm group?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {err}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The KVM error.
+        err: kvm_ioctls::Error,
+    },
+    /// More vCPUs than KVM allows.
+    #[error("{asked} vCPUs requested but this host's KVM allows at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        asked: u32,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { what, err }
+}
+
+/// Opens /dev/kvm with an error that says what is wrong.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Err(VmError::NoKvm);
+    }
+    Kvm::new().map_err(VmError::OpenKvm)
+}
+
+/// Creates a VM with an in-kernel irqchip and PIT for `vcpus` vCPUs.
+pub fn create_vm(kvm: &Kvm, vcpus: u32) -> Result<VmFd, VmError> {
+    let max = kvm.get_max_vcpus();
+    if vcpus as usize > max {
+        return Err(VmError::TooManyVcpus { asked: vcpus, max });
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    // The PC speaker port (0x61) is answered in-kernel with a dummy.
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// Registers every guest memory region as a KVM memory slot.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::Kvm {
+                what: "guest memory host address",
+                err: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region stays mapped for as long as the VM exists (the
+        // guest memory is owned by the VMM and outlives every vCPU), and the
+        // slots do not overlap because the regions do not.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}

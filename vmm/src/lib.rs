@@ -1,0 +1,18 @@
+//! tern: a microVM monitor on KVM with an emulated q35 machine.
+//!
+//! The library holds everything; `main.rs` only parses the command line and
+//! turns the VM's end into the process's exit status.
+
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod kvm;
+pub mod logger;
+pub mod machine;
+pub mod memory;
+pub mod terminal;
+pub mod vmm;

@@ -1,0 +1,130 @@
+//! Guest RAM: one memfd, mapped shared, split around the 32-bit MMIO hole.
+//!
+//! A memfd (rather than anonymous memory) lets vhost-user backends map the
+//! same pages, and lets snapshots write memory out by file offset.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::machine::layout::{HIGH_RAM_START, LOW_RAM_END, RAM_START};
+
+/// Smallest guest accepted: room for the boot structures, ACPI tables, a
+/// kernel and its stack.
+pub const MIN_MEM_MIB: u64 = 32;
+/// Largest guest accepted (the address space tern lays out and tests).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Size outside the supported range.
+    #[error("memory size {0} MiB is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB} MiB)")]
+    BadSize(u64),
+    /// memfd_create failed.
+    #[error("cannot create the guest memory file: {0}")]
+    Memfd(std::io::Error),
+    /// ftruncate failed.
+    #[error("cannot size the guest memory file to {size} bytes: {err}")]
+    Truncate {
+        /// Requested size.
+        size: u64,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// mmap failed.
+    #[error("cannot map guest memory: {0}")]
+    Mmap(vm_memory::mmap::MmapRegionError),
+    /// The regions did not form a valid guest memory.
+    #[error("invalid guest memory layout: {0}")]
+    Layout(String),
+}
+
+/// Guest RAM and the file behind it.
+pub struct GuestRam {
+    /// The mapped regions.
+    pub memory: GuestMemoryMmap,
+    /// The memfd holding every page, in guest-physical order (low RAM first,
+    /// then high RAM).
+    pub file: File,
+    /// Total RAM size in bytes.
+    pub size: u64,
+}
+
+/// The guest-physical RAM ranges for `size` bytes: below the MMIO hole
+/// first, the rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(LOW_RAM_END - RAM_START);
+    let mut ranges = vec![(GuestAddress(RAM_START), low)];
+    if size > low {
+        ranges.push((GuestAddress(HIGH_RAM_START), size - low));
+    }
+    ranges
+}
+
+/// Creates `mib` MiB of guest RAM backed by a fresh memfd.
+pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
+    if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
+        return Err(MemoryError::BadSize(mib));
+    }
+    let size = mib << 20;
+    // SAFETY: the name is a valid NUL-terminated string and the flags are
+    // valid; the returned descriptor is checked before use.
+    let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own and nothing else refers to it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|err| MemoryError::Truncate { size, err })?;
+
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (addr, len) in ram_ranges(size) {
+        let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, file_offset);
+        let mmap = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(fo)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::Mmap)?;
+        let region = GuestRegionMmap::new(mmap, addr)
+            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", addr.0)))?;
+        regions.push(region);
+        file_offset += len;
+    }
+    let memory =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    Ok(GuestRam { memory, file, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemory};
+
+    #[test]
+    fn splits_around_the_hole() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let r = ram_ranges(6 << 30);
+        assert_eq!(r[0], (GuestAddress(0), LOW_RAM_END));
+        assert_eq!(
+            r[1],
+            (GuestAddress(HIGH_RAM_START), (6 << 30) - LOW_RAM_END)
+        );
+    }
+
+    #[test]
+    fn creates_shared_memory_of_large_size() {
+        let ram = create_guest_ram(64 << 10).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        assert_eq!(ram.file.metadata().unwrap().len(), 64 << 30);
+        ram.memory
+            .write_obj(0xdead_beefu32, GuestAddress(HIGH_RAM_START))
+            .unwrap();
+        assert!(create_guest_ram(1).is_err());
+    }
+}
