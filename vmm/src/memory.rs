@@ -104,7 +104,7 @@ pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
     fn splits_around_the_hole() {

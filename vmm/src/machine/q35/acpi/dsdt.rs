@@ -87,7 +87,8 @@ fn isa_device(name: &str, hid: &str, uid: Option<u8>, resources: Vec<&dyn Aml>) 
 fn lpc() -> RawAml {
     let com1_io = fixed_io(COM1_PORT, UART_PORTS);
     let com1_irq = isa_irq(COM1_IRQ);
-    // _UID 1: Linux names the port by it (ttyS0 is still the 0x3F8 one).
+    // _UID 1: firmware numbers COM ports from 1. Linux still calls it ttyS0,
+    // because 8250_pnp reuses the line of the legacy port at the same base.
     let com1 = isa_device("COM1", "PNP0501", Some(1), vec![&com1_io, &com1_irq]);
 
     let kbd_data = fixed_io(I8042_DATA_PORT, 1);
@@ -121,7 +122,8 @@ fn pci0(cfg: &AcpiConfig) -> RawAml {
 
     // Windows the bridge decodes; Linux allocates BARs only inside them.
     // The address-space descriptors are producers (bridge windows); the
-    // config ports are a plain consumer I/O range, which Linux drops.
+    // config ports are a plain I/O range the bridge itself decodes, which
+    // Linux (x86 resource_is_pcicfg_ioport) removes from the windows.
     let buses = AddressSpace::<u16>::new_bus_number(0, ECAM_LAST_BUS.into());
     let config_ports = fixed_io(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_PORTS as u8);
     let io_low = AddressSpace::<u16>::new_io(0, PCI_CONFIG_ADDRESS_PORT - 1, None);

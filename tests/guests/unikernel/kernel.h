@@ -1,0 +1,21 @@
+/* Shared declarations of the test unikernel. */
+#ifndef KERNEL_H
+#define KERNEL_H
+
+#include <stdint.h>
+
+#define MAX_CPUS 64      /* APIC ids 0..MAX_CPUS-1 get an AP stack */
+#define AP_STACK_SIZE 4096
+
+/* Every failed expectation: prints "CHECK FAIL <what>" and counts it. */
+void check_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+extern unsigned check_failures;
+
+/* Is [addr, addr+len) RAM in the PVH memory map? 1 yes, 0 no, -1 no map given. */
+int memmap_is_ram(uint64_t addr, uint64_t len);
+
+/* Busy-wait delays timed by PIT channel 2 (ports 0x42/0x43/0x61). */
+void delay_us(uint32_t us);
+void delay_ms(uint32_t ms);
+
+#endif

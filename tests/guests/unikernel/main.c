@@ -1,0 +1,193 @@
+/* tern test unikernel: parse the command line, run the requested checks,
+ * report, then perform the final action. See README.md for the protocol. */
+#include "acpi.h"
+#include "io.h"
+#include "kernel.h"
+#include "lib.h"
+#include "pci.h"
+#include "power.h"
+#include "serial.h"
+#include "smp.h"
+#include "start_info.h"
+
+#define CMDLINE_MAX 1024
+#define FAIL_EXIT_VALUE 0x7e /* host exit status (0x7e << 1) | 1 = 253 */
+
+unsigned check_failures;
+
+void check_fail(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	serial_puts("CHECK FAIL ");
+	vkprintf(fmt, ap);
+	serial_puts("\n");
+	va_end(ap);
+	check_failures++;
+}
+
+#define MEMMAP_MAX 64
+
+static struct hvm_start_info start_info;
+static char cmdline[CMDLINE_MAX];
+static struct hvm_memmap_table_entry memmap[MEMMAP_MAX];
+static unsigned memmap_entries;
+
+int memmap_is_ram(uint64_t addr, uint64_t len)
+{
+	if (memmap_entries == 0)
+		return -1;
+	for (unsigned i = 0; i < memmap_entries; i++)
+		if (memmap[i].type == 1 && addr >= memmap[i].addr &&
+		    addr + len <= memmap[i].addr + memmap[i].size)
+			return 1;
+	return 0;
+}
+
+static struct {
+	int check_pci, check_acpi, check_smp;
+	char action[32];
+	uint8_t code;
+	int cpus; /* -1: not given */
+} cfg;
+
+/* Copy what we need out of the start info before anything can overwrite it. */
+static void copy_boot_info(uint32_t si_paddr)
+{
+	if (si_paddr)
+		memcpy(&start_info, (const void *)(uintptr_t)si_paddr, sizeof(start_info));
+	if (start_info.magic != HVM_START_MAGIC)
+		return;
+	if (start_info.version >= 1 && start_info.memmap_paddr &&
+	    start_info.memmap_paddr < 0x100000000ull - sizeof(memmap)) {
+		memmap_entries = start_info.memmap_entries < MEMMAP_MAX ? start_info.memmap_entries
+									 : MEMMAP_MAX;
+		memcpy(memmap, (const void *)(uintptr_t)start_info.memmap_paddr,
+		       memmap_entries * sizeof(memmap[0]));
+	}
+	uint64_t p = start_info.cmdline_paddr;
+	if (!p || p >= 0x100000000ull - CMDLINE_MAX)
+		return;
+	const volatile char *src = (const volatile char *)(uintptr_t)p;
+	for (int i = 0; i < CMDLINE_MAX - 1 && src[i]; i++)
+		cmdline[i] = src[i];
+}
+
+static void parse_checks(const char *v, size_t n)
+{
+	size_t i = 0;
+	while (i < n) {
+		size_t j = i;
+		while (j < n && v[j] != ',')
+			j++;
+		if (j > i) {
+			if (word_eq(v + i, j - i, "pci"))
+				cfg.check_pci = 1;
+			else if (word_eq(v + i, j - i, "acpi"))
+				cfg.check_acpi = 1;
+			else if (word_eq(v + i, j - i, "smp"))
+				cfg.check_smp = 1;
+			else {
+				char name[32];
+				size_t k = j - i < sizeof(name) - 1 ? j - i : sizeof(name) - 1;
+				memcpy(name, v + i, k);
+				name[k] = 0;
+				check_fail("unknown check %s", name);
+			}
+		}
+		i = j + 1;
+	}
+}
+
+static void parse_cmdline(void)
+{
+	memcpy(cfg.action, "exit", 5);
+	cfg.cpus = -1;
+	const char *s = cmdline;
+	while (*s) {
+		while (*s == ' ' || *s == '\t' || *s == '\n')
+			s++;
+		const char *w = s;
+		while (*s && *s != ' ' && *s != '\t' && *s != '\n')
+			s++;
+		size_t wn = (size_t)(s - w), kn = 0;
+		while (kn < wn && w[kn] != '=')
+			kn++;
+		if (kn == wn)
+			continue; /* not key=value: ignore */
+		const char *v = w + kn + 1;
+		size_t vn = wn - kn - 1;
+		if (word_eq(w, kn, "checks")) {
+			parse_checks(v, vn);
+		} else if (word_eq(w, kn, "action")) {
+			if (vn >= sizeof(cfg.action))
+				vn = sizeof(cfg.action) - 1;
+			memcpy(cfg.action, v, vn);
+			cfg.action[vn] = 0;
+		} else if (word_eq(w, kn, "code")) {
+			int64_t c = parse_num(v, vn);
+			if (c < 0 || c > 255)
+				check_fail("bad code= value");
+			else
+				cfg.code = (uint8_t)c;
+		} else if (word_eq(w, kn, "cpus")) {
+			int64_t c = parse_num(v, vn);
+			if (c < 1 || c > MAX_CPUS)
+				check_fail("bad cpus= value");
+			else
+				cfg.cpus = (int)c;
+		}
+	}
+}
+
+void kmain(uint32_t si_paddr)
+{
+	serial_init();
+	copy_boot_info(si_paddr);
+	kprintf("TERN-UNIKERNEL v1 cmdline=%s\n", cmdline);
+	if (start_info.magic != HVM_START_MAGIC)
+		check_fail("start_info magic=0x%x at 0x%x", start_info.magic, si_paddr);
+	parse_cmdline();
+	if (!power_action_known(cfg.action)) {
+		check_fail("unknown action %s", cfg.action);
+		memcpy(cfg.action, "exit", 5);
+	}
+
+	uint64_t rsdp_hint = start_info.magic == HVM_START_MAGIC ? start_info.rsdp_paddr : 0;
+	uint64_t ecam = PCI_ECAM_DEFAULT;
+
+	if (cfg.check_acpi) {
+		acpi_parse(rsdp_hint, 1);
+		if (cfg.cpus > 0 && acpi.madt && acpi.madt_cpus != cfg.cpus)
+			check_fail("acpi MADT cpus=%d, expected %d", acpi.madt_cpus, cfg.cpus);
+		if (acpi.mcfg_base)
+			ecam = acpi.mcfg_base;
+	}
+	if (cfg.check_pci)
+		pci_check(ecam);
+	if (cfg.check_smp) {
+		if (!cfg.check_acpi)
+			acpi_parse(rsdp_hint, 0);
+		if (!acpi.madt) {
+			check_fail("smp needs the MADT");
+		} else {
+			int online = smp_start_aps(acpi.apic_ids, acpi.n_apic_ids);
+			int want = cfg.cpus > 0 ? cfg.cpus : acpi.madt_cpus;
+			kprintf("SMP online=%d\n", online);
+			if (online != want)
+				check_fail("smp online=%d, expected %d", online, want);
+		}
+	}
+
+	if (check_failures == 0)
+		kprintf("RESULT pass\n");
+	else
+		kprintf("RESULT fail failures=%u\n", check_failures);
+
+	/* Actions that need the FADT/DSDT get them even without the acpi check. */
+	if (!acpi.found && (word_eq(cfg.action, strlen(cfg.action), "s5") ||
+			    word_eq(cfg.action, strlen(cfg.action), "acpi-reset")))
+		acpi_parse(rsdp_hint, 0);
+
+	power_action(cfg.action, check_failures ? FAIL_EXIT_VALUE : cfg.code);
+}

@@ -1,0 +1,122 @@
+//! The test unikernel on tern's q35 machine: PVH boot with 1, 2 and 4
+//! vCPUs, the chipset through both PCI config mechanisms, the ACPI tables,
+//! and every way the guest can end the VM.
+
+mod common;
+
+use common::{assert_line, unikernel};
+
+fn boots_with(cpus: u32) {
+    let run = unikernel(
+        cpus,
+        &format!("checks=pci,acpi,smp cpus={cpus} action=exit code=5"),
+    );
+    assert_eq!(
+        run.code(),
+        (5 << 1) | 1,
+        "debug-exit value 5 must give status 11: {run}"
+    );
+    assert!(
+        run.stdout.starts_with("TERN-UNIKERNEL v1 "),
+        "first line: {run}"
+    );
+    for mech in ["cf8", "ecam"] {
+        assert_line(&run, &format!("PCI {mech} 00:00.0 8086:29c0 class=060000"));
+        assert_line(&run, &format!("PCI {mech} 00:1f.0 8086:2918 class=060100"));
+    }
+    for sig in ["XSDT", "FACP", "APIC", "MCFG", "DSDT"] {
+        let ok = run
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("ACPI {sig} ")) && l.ends_with("checksum=ok"));
+        assert!(ok, "{sig} missing or with a bad checksum: {run}");
+    }
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("ACPI RSDP rev=2 ")),
+        "{run}"
+    );
+    assert_line(&run, &format!("ACPI MADT cpus={cpus} ioapics=1"));
+    assert_line(&run, "ACPI MCFG base=0xb0000000 buses=0-255");
+    assert_line(&run, "ACPI DSDT s5=5");
+    assert_line(&run, &format!("SMP online={cpus}"));
+    assert_line(&run, "RESULT pass");
+    assert!(!run.stdout.contains("CHECK FAIL"), "{run}");
+    assert!(
+        run.stderr
+            .contains("tern: guest wrote 0x5 to the debug-exit port"),
+        "{run}"
+    );
+}
+
+#[test]
+fn pvh_boot_one_vcpu() {
+    boots_with(1);
+}
+
+#[test]
+fn pvh_boot_two_vcpus() {
+    boots_with(2);
+}
+
+#[test]
+fn pvh_boot_four_vcpus() {
+    boots_with(4);
+}
+
+/// Each reset or power-off path ends tern with status 0 and says which.
+fn ends_cleanly(action: &str, why: &str) {
+    let run = unikernel(1, &format!("checks=acpi action={action}"));
+    assert_eq!(run.code(), 0, "{run}");
+    assert_line(&run, "RESULT pass");
+    assert!(!run.stdout.contains("did not end the VM"), "{run}");
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(why),
+        "last stderr line should say `{why}`: {run}"
+    );
+}
+
+#[test]
+fn reset_through_i8042() {
+    ends_cleanly("i8042", "reset (i8042)");
+}
+
+#[test]
+fn reset_through_cf9() {
+    ends_cleanly("cf9", "reset (0xcf9 reset control)");
+}
+
+#[test]
+fn reset_through_acpi_reset_register() {
+    // The FADT's RESET_REG is the 0xCF9 register, as on ICH9.
+    ends_cleanly("acpi-reset", "reset (0xcf9 reset control)");
+}
+
+#[test]
+fn power_off_through_acpi_s5() {
+    ends_cleanly("s5", "guest powered off (ACPI S5)");
+}
+
+#[test]
+fn triple_fault_ends_the_vm() {
+    ends_cleanly("triple-fault", "triple-faulted");
+}
+
+#[test]
+fn debug_exit_hands_back_codes() {
+    for (code, status) in [(0, 1), (1, 3), (42, 85), (127, 255)] {
+        let run = unikernel(1, &format!("action=exit code={code}"));
+        assert_eq!(run.code(), status, "code {code}: {run}");
+    }
+}
+
+#[test]
+fn a_failed_guest_check_is_visible_in_the_status() {
+    // The guest is told to expect 3 CPUs but gets 2: its MADT check fails and
+    // it exits with 0x7e instead of the requested code.
+    let run = unikernel(2, "checks=acpi cpus=3 action=exit code=1");
+    assert_eq!(run.code(), (0x7e << 1 | 1) & 0xff, "{run}");
+    assert!(run.stdout.contains("CHECK FAIL"), "{run}");
+}
