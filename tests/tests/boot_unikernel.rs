@@ -120,3 +120,32 @@ fn a_failed_guest_check_is_visible_in_the_status() {
     assert_eq!(run.code(), (0x7e << 1 | 1) & 0xff, "{run}");
     assert!(run.stdout.contains("CHECK FAIL"), "{run}");
 }
+
+#[test]
+fn an_instruction_the_host_cannot_emulate_is_a_clear_error() {
+    common::require_kvm();
+    if !common::is_pvm_host() {
+        // On hardware KVM popcnt just runs: there is no emulation failure to
+        // provoke with a well-formed guest.
+        eprintln!(
+            "NOT RUN: hardware KVM host; the emulation-failure path only shows on kvm_pvm hosts"
+        );
+        return;
+    }
+    let run = unikernel(1, "action=emulator-gap");
+    assert_eq!(run.code(), 2, "an emulation failure is a tern error: {run}");
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("KVM_EXIT_INTERNAL_ERROR"),
+        "names the exit reason: {run}"
+    );
+    assert!(last.contains("emulation failure"), "{run}");
+    assert!(
+        last.contains("at guest RIP 0x1"),
+        "names the guest RIP: {run}"
+    );
+    assert!(
+        last.contains("instruction bytes [f3 48 0f b8 c0"),
+        "shows the popcnt bytes: {run}"
+    );
+}

@@ -79,6 +79,26 @@ fn set_lapic_reg(state: &mut kvm_lapic_state, off: usize, v: u32) {
     }
 }
 
+/// For an emulation failure whose data carries the instruction (flag bit
+/// 0 of the first word, then a size byte and up to 15 bytes, as KVM lays
+/// out `emulation_failure`), the bytes as hex.
+fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> Option<String> {
+    const EMULATION_FAILURE: u32 = 1;
+    const FLAG_INSTRUCTION_BYTES: u64 = 1;
+    if suberror != EMULATION_FAILURE || data.len() < 2 || data[0] & FLAG_INSTRUCTION_BYTES == 0 {
+        return None;
+    }
+    let raw: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let size = usize::from(*raw.first()?).min(15).min(raw.len() - 1);
+    Some(
+        raw[1..=size]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
 impl Vcpu {
     /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and LAPIC.
     #[allow(clippy::too_many_arguments)]
@@ -182,19 +202,24 @@ impl Vcpu {
             _ => "unknown suberror",
         };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let data: Vec<String> = internal.data[..n]
-            .iter()
-            .map(|d| format!("{d:#x}"))
-            .collect();
+        let detail = match emulation_failure_bytes(internal.suberror, &internal.data[..n]) {
+            Some(bytes) => format!("instruction bytes [{bytes}]"),
+            None => {
+                let data: Vec<String> = internal.data[..n]
+                    .iter()
+                    .map(|d| format!("{d:#x}"))
+                    .collect();
+                format!("data [{}]", data.join(", "))
+            }
+        };
         let hint = if cpuid::is_pvm_host() {
             " (kvm_pvm host: use --cpu-template pvm and the kernel options in docs/pvm.md)"
         } else {
             ""
         };
         format!(
-            "KVM_EXIT_INTERNAL_ERROR suberror {} ({what}) at guest RIP {rip}, data [{}]{hint}",
-            internal.suberror,
-            data.join(", ")
+            "KVM_EXIT_INTERNAL_ERROR suberror {} ({what}) at guest RIP {rip}, {detail}{hint}",
+            internal.suberror
         )
     }
 
@@ -282,5 +307,20 @@ impl Vcpu {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_emulation_failure_bytes() {
+        let data = [0x1, 0x41c3_c0b8_0f48_f30f, 0x20bb_53fd_8948_5554];
+        let bytes = emulation_failure_bytes(1, &data).unwrap();
+        assert!(bytes.starts_with("f3 48 0f b8 c0"), "{bytes}");
+        assert_eq!(bytes.split(' ').count(), 15);
+        assert!(emulation_failure_bytes(2, &data).is_none());
+        assert!(emulation_failure_bytes(1, &[0]).is_none());
     }
 }
