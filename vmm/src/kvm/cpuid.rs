@@ -239,12 +239,8 @@ pub fn for_vcpu(base: &CpuId, template: CpuTemplate, index: u32, count: u32) -> 
                 }
                 e.edx = index;
             }
-            0x8000_0001 if amd => {
-                // CmpLegacy: HTT means cores, not threads.
-                if count > 1 {
-                    e.ecx |= 1 << 1;
-                }
-            }
+            // CmpLegacy: HTT means cores, not threads.
+            0x8000_0001 if amd && count > 1 => e.ecx |= 1 << 1,
             0x8000_0008 if amd => {
                 e.ecx = (core_bits << 12) | (count - 1);
             }

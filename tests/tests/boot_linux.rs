@@ -1,0 +1,155 @@
+//! Kernel-only Linux boots of the guest kit (`TERN_GUEST_DIR`): the kernel
+//! probes ACPI, PCI and memory on tern's q35 machine before it reaches
+//! `Run /init`, and its log is the evidence. On this project's kvm_pvm
+//! hosts no Linux userspace runs (docs/pvm.md), so the boot ends when init
+//! dies and the kernel (`panic=-1`) resets: tern exits 0.
+//!
+//! Each boot takes minutes on a software KVM; keep them few.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{guest_dir, is_pvm_host, require_kvm, tern, uncompressed_initramfs, Run};
+
+/// The kit README's command line for software-KVM hosts, without `quiet`
+/// (the log is the evidence). `nopvspin`: PV spinlock kicks are hypercalls,
+/// which spin on kvm_pvm.
+const PVM_CMDLINE: &str = "console=ttyS0 panic=-1 noxsave tsc=reliable no_timer_check nopvspin \
+clearcpuid=cx16,xsave,popcnt,smap,smep,fsgsbase,pcid,invpcid,rdrand,rdseed,lfence_rdtsc,rdtscp,rdpid";
+
+const DEADLINE: Duration = Duration::from_secs(20 * 60);
+
+fn boot(kernel: &str, cpus: u32) -> Run {
+    require_kvm();
+    let kit = guest_dir();
+    let initrd = uncompressed_initramfs(&kit);
+    let kernel = kit.join(kernel);
+    let cpus = cpus.to_string();
+    let run = tern(
+        &[
+            "--kernel",
+            path(&kernel),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "6144",
+            "--cpus",
+            &cpus,
+            "--cmdline",
+            PVM_CMDLINE,
+        ],
+        DEADLINE,
+    );
+    eprintln!(
+        "{} booted to its end in {:?}",
+        kernel.display(),
+        run.elapsed
+    );
+    run
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn has(run: &Run, needle: &str) -> bool {
+    run.stdout.contains(needle)
+}
+
+fn assert_has(run: &Run, needle: &str) {
+    assert!(has(run, needle), "the kernel log lacks `{needle}`: {run}");
+}
+
+/// What every kit boot must show in the kernel's own log.
+fn assert_machine_as_linux_sees_it(run: &Run) {
+    assert_has(run, "Run /init as init process");
+    for table in ["FACP", "APIC", "MCFG", "DSDT"] {
+        assert_has(run, &format!("ACPI: {table} 0x"));
+    }
+    for bad in [
+        "ACPI Error",
+        "ACPI BIOS Error",
+        "ACPI Warning",
+        "MMCONFIG at [mem 0xb0000000-0xbfffffff] not reserved",
+    ] {
+        assert!(!has(run, bad), "the kernel log has `{bad}`: {run}");
+    }
+    assert_has(run, "ACPI: Interpreter enabled");
+    assert_has(run, "PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xb0000000-0xbfffffff] (base 0xb0000000)");
+    assert!(
+        has(run, "PCI: MMCONFIG at [mem 0xb0000000-0xbfffffff] reserved"),
+        "MMCONFIG must be accepted (reserved in E820 or as a motherboard resource): {run}"
+    );
+    assert!(
+        !has(run, "PCI: Using configuration type 1 for extended access"),
+        "ECAM unused: {run}"
+    );
+    assert_has(run, "pci 0000:00:00.0: [8086:29c0] type 00 class 0x060000");
+    assert_has(run, "pci 0000:00:1f.0: [8086:2918] type 00 class 0x060100");
+    assert_has(
+        run,
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])",
+    );
+    // The memory map with 6 GiB: low RAM up to the ECAM window, the rest
+    // above 4 GiB, and the kernel's own total.
+    assert_has(
+        run,
+        "BIOS-e820: [mem 0x0000000000100000-0x00000000afffffff] usable",
+    );
+    assert_has(
+        run,
+        "BIOS-e820: [mem 0x00000000b0000000-0x00000000bfffffff] reserved",
+    );
+    assert_has(
+        run,
+        "BIOS-e820: [mem 0x0000000100000000-0x00000001cfffffff] usable",
+    );
+    let total_kib = run
+        .stdout
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("Memory: ").nth(1)?;
+            let total = rest.split('/').nth(1)?.split('K').next()?;
+            total.parse::<u64>().ok()
+        })
+        .unwrap_or_else(|| panic!("no `Memory: a/bK available` line: {run}"));
+    assert!(
+        ((6 << 20) - 1024..=6 << 20).contains(&total_kib),
+        "the kernel counts {total_kib} KiB of RAM, not 6 GiB: {run}"
+    );
+    assert_has(
+        run,
+        "ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A",
+    );
+    assert_has(run, "rtc_cmos 00:02: setting system clock to");
+    // How the boot ended: on kvm_pvm init dies (no userspace runs there) and
+    // panic=-1 resets the machine, which ends tern cleanly.
+    if is_pvm_host() {
+        assert_eq!(run.code(), 0, "{run}");
+        assert!(
+            run.stderr
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .contains("reset"),
+            "{run}"
+        );
+    }
+}
+
+#[test]
+fn linux_pvh_vmlinux_6g_two_vcpus() {
+    let run = boot("vmlinux", 2);
+    assert_machine_as_linux_sees_it(&run);
+    assert_has(&run, "smp: Brought up 1 node, 2 CPUs");
+    assert_has(&run, "ACPI: Added _OSI");
+}
+
+#[test]
+fn linux_bzimage_6g() {
+    let run = boot("bzImage", 1);
+    assert_machine_as_linux_sees_it(&run);
+    assert_has(&run, "smp: Brought up 1 node, 1 CPU");
+}

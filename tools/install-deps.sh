@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building and testing tern needs on Debian 12: a C toolchain
+# and make (the test unikernel), Rust with cargo-nextest. Idempotent.
+set -euo pipefail
+
+need=()
+for tool in gcc make ld objdump gunzip; do
+	command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+	echo "install-deps: installing build-essential, binutils, gzip (missing: ${need[*]})"
+	SUDO=""
+	[ "$(id -u)" -eq 0 ] || SUDO=sudo
+	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential binutils gzip
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+	if [ -x "$HOME/.cargo/bin/cargo" ]; then
+		export PATH="$HOME/.cargo/bin:$PATH"
+	else
+		echo "install-deps: installing Rust with rustup"
+		command -v curl >/dev/null 2>&1 || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo; $SUDO apt-get install -y -q curl; }
+		curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+		export PATH="$HOME/.cargo/bin:$PATH"
+	fi
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+	echo "install-deps: installing cargo-nextest"
+	cargo install --locked cargo-nextest
+fi
