@@ -13,10 +13,21 @@ const DEADLINE: Duration = Duration::from_secs(30);
 fn assert_error(run: &Run, expect: &str) {
     assert_eq!(run.code(), 2, "{run}");
     assert!(!run.stderr.contains("panicked"), "tern panicked: {run}");
-    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("tern: error:")).collect();
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("tern: error:"))
+        .collect();
     assert_eq!(errors.len(), 1, "exactly one error line: {run}");
-    assert!(errors[0].contains(expect), "the error should say `{expect}`: {run}");
-    assert_eq!(run.stderr.lines().last(), Some(errors[0]), "the error is the last line: {run}");
+    assert!(
+        errors[0].contains(expect),
+        "the error should say `{expect}`: {run}"
+    );
+    assert_eq!(
+        run.stderr.lines().last(),
+        Some(errors[0]),
+        "the error is the last line: {run}"
+    );
     assert!(run.stdout.is_empty(), "no guest ran: {run}");
 }
 
@@ -32,7 +43,10 @@ fn scratch(name: &str, contents: &[u8]) -> std::path::PathBuf {
 fn missing_kernel_file() {
     require_kvm();
     let run = tern(&["--kernel", "/nonexistent/vmlinux"], DEADLINE);
-    assert_error(&run, "cannot read kernel image /nonexistent/vmlinux: No such file or directory");
+    assert_error(
+        &run,
+        "cannot read kernel image /nonexistent/vmlinux: No such file or directory",
+    );
 }
 
 #[test]
@@ -55,7 +69,10 @@ fn truncated_elf() {
 #[test]
 fn missing_initrd() {
     require_kvm();
-    let run = tern(&["--kernel", UNIKERNEL, "--initrd", "/nonexistent/initrd"], DEADLINE);
+    let run = tern(
+        &["--kernel", UNIKERNEL, "--initrd", "/nonexistent/initrd"],
+        DEADLINE,
+    );
     assert_error(&run, "cannot read initrd /nonexistent/initrd");
 }
 
@@ -75,16 +92,31 @@ fn too_many_or_no_vcpus() {
 
 #[test]
 fn unknown_flag_and_bad_values() {
-    assert_error(&tern(&["--kernel", UNIKERNEL, "--bogus", "1"], DEADLINE), "unknown option '--bogus'");
-    assert_error(&tern(&["--kernel", UNIKERNEL, "--cpus", "two"], DEADLINE), "invalid value 'two' for --cpus");
-    assert_error(&tern(&["--kernel", UNIKERNEL, "--cpu-template", "fast"], DEADLINE), "unknown CPU template 'fast'");
-    assert_error(&tern(&["--kernel", UNIKERNEL, "--serial", "tty"], DEADLINE), "invalid serial output 'tty'");
+    assert_error(
+        &tern(&["--kernel", UNIKERNEL, "--bogus", "1"], DEADLINE),
+        "unknown option '--bogus'",
+    );
+    assert_error(
+        &tern(&["--kernel", UNIKERNEL, "--cpus", "two"], DEADLINE),
+        "invalid value 'two' for --cpus",
+    );
+    assert_error(
+        &tern(&["--kernel", UNIKERNEL, "--cpu-template", "fast"], DEADLINE),
+        "unknown CPU template 'fast'",
+    );
+    assert_error(
+        &tern(&["--kernel", UNIKERNEL, "--serial", "tty"], DEADLINE),
+        "invalid serial output 'tty'",
+    );
     assert_error(&tern(&["--memory", "64"], DEADLINE), "no kernel given");
 }
 
 #[test]
 fn bad_config_file() {
-    let p = scratch("bad.json", br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "turbo": true}}"#);
+    let p = scratch(
+        "bad.json",
+        br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "turbo": true}}"#,
+    );
     let run = tern(&["--config-file", p.to_str().unwrap()], DEADLINE);
     assert_error(&run, "unknown field `turbo`");
     let p = scratch("truncated.json", br#"{"machine-config": {"vcpu_count": 1,"#);
@@ -102,7 +134,10 @@ fn config_file_boots_and_flags_override_it() {
             "boot-source": {{"kernel_image_path": "{UNIKERNEL}", "boot_args": "checks=acpi cpus=2 action=exit code=9"}}}}"#
     );
     let p = scratch("good.json", cfg.as_bytes());
-    let run = tern(&["--config-file", p.to_str().unwrap(), "--cpus", "2"], DEADLINE);
+    let run = tern(
+        &["--config-file", p.to_str().unwrap(), "--cpus", "2"],
+        DEADLINE,
+    );
     assert_eq!(run.code(), 19, "{run}");
     common::assert_line(&run, "ACPI MADT cpus=2 ioapics=1");
 }
