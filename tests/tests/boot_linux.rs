@@ -123,7 +123,16 @@ fn assert_machine_as_linux_sees_it(run: &Run) {
         run,
         "ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A",
     );
-    assert_has(run, "rtc_cmos 00:02: setting system clock to");
+    // The RTC carries the host's UTC date into the guest.
+    let today = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .expect("date");
+    let today = String::from_utf8_lossy(&today.stdout).trim().to_string();
+    assert_has(
+        run,
+        &format!("rtc_cmos 00:02: setting system clock to {today}T"),
+    );
     // How the boot ended: on kvm_pvm init dies (no userspace runs there) and
     // panic=-1 resets the machine, which ends tern cleanly.
     if is_pvm_host() {

@@ -149,3 +149,80 @@ fn an_instruction_the_host_cannot_emulate_is_a_clear_error() {
         "shows the popcnt bytes: {run}"
     );
 }
+
+#[test]
+fn sixty_four_vcpus_come_up() {
+    let run = unikernel(64, "checks=acpi,smp cpus=64 action=exit code=0");
+    assert_eq!(run.code(), 1, "{run}");
+    assert_line(&run, "ACPI MADT cpus=64 ioapics=1");
+    assert_line(&run, "SMP online=64");
+    assert_line(&run, "RESULT pass");
+}
+
+#[test]
+fn serial_output_to_a_file() {
+    common::require_kvm();
+    let path = std::env::temp_dir().join(format!("tern-serial-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let serial = format!("file:{}", path.display());
+    let run = common::tern(
+        &[
+            "--kernel",
+            common::UNIKERNEL,
+            "--serial",
+            &serial,
+            "--cmdline",
+            "checks=pci action=exit code=2",
+        ],
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(run.code(), 5, "{run}");
+    assert!(
+        run.stdout.is_empty(),
+        "the console went to the file, not stdout: {run}"
+    );
+    let text = std::fs::read_to_string(&path).expect("serial file");
+    assert!(
+        text.starts_with("TERN-UNIKERNEL v1 cmdline=checks=pci action=exit code=2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PCI ecam 00:1f.0 8086:2918 class=060100\n"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn pvm_hosts_get_the_pvm_template_and_one_line_saying_so() {
+    let run = unikernel(1, "action=exit");
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("kvm_pvm"))
+        .collect();
+    if common::is_pvm_host() {
+        assert_eq!(lines.len(), 1, "one line about the pvm template: {run}");
+        assert!(
+            lines[0].contains("CPU template 'pvm'") && lines[0].contains("clearcpuid="),
+            "{run}"
+        );
+    } else {
+        assert!(lines.is_empty(), "{run}");
+    }
+    // An explicit template is honoured and, being the user's choice, not announced.
+    common::require_kvm();
+    let run = common::tern(
+        &[
+            "--kernel",
+            common::UNIKERNEL,
+            "--cpu-template",
+            "baseline",
+            "--cmdline",
+            "action=exit",
+        ],
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(run.code(), 1, "{run}");
+    assert!(!run.stderr.contains("CPU template 'pvm'"), "{run}");
+}
