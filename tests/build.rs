@@ -1,9 +1,12 @@
 //! Builds the test guests that the integration tests boot.
 //!
-//! The PVH test unikernel (`guests/unikernel/`, C and GNU assembler) is built
-//! with its Makefile into `$OUT_DIR/guests/unikernel.elf`. The tests find it
-//! through `env!("TERN_UNIKERNEL")`, and the instruction checker (which fails
-//! on instructions a software KVM's emulator lacks) through
+//! The test unikernel (`guests/unikernel/`, C and GNU assembler) is built
+//! with its Makefile into two ELFs from the same objects:
+//! `$OUT_DIR/guests/unikernel.elf` (PVH note, found through
+//! `env!("TERN_UNIKERNEL")`) and `$OUT_DIR/guests/unikernel-linux64.elf` (no
+//! PVH note, entered through the Linux 64-bit boot protocol, found through
+//! `env!("TERN_UNIKERNEL_LINUX64")`). The instruction checker (which fails on
+//! instructions a software KVM's emulator lacks) is
 //! `env!("TERN_UNIKERNEL_CHECK_INSNS")`.
 //!
 //! Needs gcc, GNU as/ld and make (Debian: `build-essential`). The C compiler
@@ -49,11 +52,16 @@ fn main() {
         ));
     }
 
-    let elf = out.join("unikernel.elf");
-    if !elf.is_file() {
-        fail(&format!("make succeeded but {} is missing", elf.display()));
+    for (var, name) in [
+        ("TERN_UNIKERNEL", "unikernel.elf"),
+        ("TERN_UNIKERNEL_LINUX64", "unikernel-linux64.elf"),
+    ] {
+        let elf = out.join(name);
+        if !elf.is_file() {
+            fail(&format!("make succeeded but {} is missing", elf.display()));
+        }
+        println!("cargo:rustc-env={var}={}", elf.display());
     }
-    println!("cargo:rustc-env=TERN_UNIKERNEL={}", elf.display());
     println!(
         "cargo:rustc-env=TERN_UNIKERNEL_CHECK_INSNS={}",
         src.join("check-insns.sh").display()

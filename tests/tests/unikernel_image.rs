@@ -1,10 +1,12 @@
-//! The test unikernel built by build.rs: a PVH ELF that KVM's instruction
-//! emulator can run. No /dev/kvm needed.
+//! The test unikernel built by build.rs: a PVH ELF and a Linux 64-bit boot
+//! protocol ELF (no PVH note) that KVM's instruction emulator can run. No
+//! /dev/kvm needed.
 
 use std::path::Path;
 use std::process::Command;
 
 const UNIKERNEL: &str = env!("TERN_UNIKERNEL");
+const UNIKERNEL_LINUX64: &str = env!("TERN_UNIKERNEL_LINUX64");
 const CHECK_INSNS: &str = env!("TERN_UNIKERNEL_CHECK_INSNS");
 
 const PT_LOAD: u32 = 1;
@@ -92,18 +94,68 @@ fn unikernel_is_a_pvh_elf_loaded_at_1mib() {
     );
 }
 
-#[test]
-fn unikernel_uses_only_emulator_safe_instructions() {
+fn check_insns(elf: &str) {
     assert!(Path::new(CHECK_INSNS).is_file());
     let out = Command::new("sh")
         .arg(CHECK_INSNS)
-        .arg(UNIKERNEL)
+        .arg(elf)
         .output()
         .expect("run check-insns.sh");
     assert!(
         out.status.success(),
-        "check-insns.sh failed:\n{}{}",
+        "check-insns.sh {elf} failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn unikernel_uses_only_emulator_safe_instructions() {
+    check_insns(UNIKERNEL);
+}
+
+#[test]
+fn unikernel_linux64_has_no_pvh_note_and_a_64bit_entry_at_1mib() {
+    let elf = std::fs::read(UNIKERNEL_LINUX64).expect("read unikernel-linux64.elf");
+    let ph = phdrs(&elf);
+    assert_eq!(
+        pvh_entry(&elf, &ph),
+        None,
+        "unikernel-linux64.elf must not have a PVH note (tern would enter it through PVH)"
+    );
+    assert!(
+        !ph.iter().any(|p| p.p_type == PT_NOTE),
+        "unikernel-linux64.elf has a PT_NOTE segment"
+    );
+    let loads: Vec<&Phdr> = ph.iter().filter(|p| p.p_type == PT_LOAD).collect();
+    assert!(!loads.is_empty(), "no PT_LOAD segment");
+    for l in &loads {
+        assert!(l.paddr >= 0x10_0000, "segment below 1 MiB: {:#x}", l.paddr);
+        assert!(l.memsz >= l.filesz);
+    }
+    let entry = u64_at(&elf, 24); // e_entry
+    assert!(
+        loads
+            .iter()
+            .any(|l| entry >= l.paddr && entry < l.paddr + l.filesz),
+        "e_entry {entry:#x} is not inside a loaded segment"
+    );
+    // Same objects as the PVH ELF, but a different entry (_start64_linux,
+    // not the 32-bit _start32 at the start of the image).
+    let pvh = std::fs::read(UNIKERNEL).expect("read unikernel.elf");
+    assert_ne!(
+        entry,
+        u64_at(&pvh, 24),
+        "linux64 ELF has the PVH ELF's entry"
+    );
+    assert!(
+        elf.len() < 256 * 1024,
+        "unikernel-linux64.elf unexpectedly large: {} bytes",
+        elf.len()
+    );
+}
+
+#[test]
+fn unikernel_linux64_uses_only_emulator_safe_instructions() {
+    check_insns(UNIKERNEL_LINUX64);
 }

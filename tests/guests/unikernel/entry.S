@@ -1,10 +1,17 @@
 /*
- * PVH entry of the tern test unikernel.
+ * Entries of the tern test unikernel.
  *
- * Entered (PVH boot ABI) in 32-bit protected mode, paging off, flat segments,
- * %ebx = physical address of struct hvm_start_info. Builds identity page tables
- * for the low 4 GiB (2 MiB pages; uncached above 2 GiB where the MMIO lives),
- * switches to long mode and calls kmain(start_info_paddr).
+ * PVH (_start32, named by the PVH note of unikernel.elf): entered in 32-bit
+ * protected mode, paging off, flat segments, %ebx = physical address of struct
+ * hvm_start_info. Builds identity page tables for the low 4 GiB (2 MiB pages;
+ * uncached above 2 GiB where the MMIO lives), switches to long mode and calls
+ * kmain(start_info_paddr, BOOT_PVH).
+ *
+ * Linux 64-bit boot protocol (_start64_linux, e_entry of unikernel-linux64.elf,
+ * which has no PVH note): entered in long mode with the VMM's page tables,
+ * %rsi = physical address of struct boot_params. Loads our GDT, zeroes .bss,
+ * builds the same page tables, switches CR3 to them and calls
+ * kmain(boot_params_paddr, BOOT_LINUX64). Both ELFs contain both entries.
  *
  * Also holds the AP start-up trampoline, copied to AP_TRAMPOLINE (< 1 MiB) by
  * smp.c: real mode -> 32-bit -> long mode -> ap_main(apic_id) on a per-APIC-id
@@ -33,6 +40,8 @@
 #define MAX_CPUS 64 /* kernel.h */
 #define AP_STACK_SIZE 4096 /* kernel.h */
 #define AP_TRAMPOLINE 0x8000 /* smp.h */
+#define BOOT_PVH 0 /* kernel.h */
+#define BOOT_LINUX64 1
 
 /* ------------------------------------------------------------------ */
 /* PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen".             */
@@ -76,23 +85,17 @@
 	movl %eax, %gs
 .endm
 
-	.section .boot32, "ax"
-	.code32
-	.globl _start32
-_start32:
-	cli
-	cld
-	movl %ebx, %esi                  /* hvm_start_info, kept in %esi */
-	lgdt gdt_ptr
-	LOAD_DATA_SEGMENTS
-	movl $boot_stack_top, %esp
-
-	/* Zero .bss (page tables, variables) with a plain loop. */
+/*
+ * Zero .bss (page tables, variables) with a plain loop, then build the
+ * identity map of the low 4 GiB. Used in 32-bit and in 64-bit code: \di is
+ * %edi or %rdi (the addresses are below 4 GiB). Clobbers %eax, %ecx, %edi.
+ */
+.macro ZERO_BSS_AND_BUILD_PAGE_TABLES di
 	movl $__bss_start, %edi
 	movl $__bss_end, %ecx
 1:	cmpl %ecx, %edi
 	jae 2f
-	movl $0, (%edi)
+	movl $0, (\di)
 	addl $4, %edi
 	jmp 1b
 2:
@@ -119,12 +122,25 @@ _start32:
 	cmpl $1024, %ecx
 	jb 4f
 	orl $PTE_PCD_PWT, %eax
-4:	movl %eax, (%edi)
+4:	movl %eax, (\di)
 	addl $8, %edi
 	incl %ecx
 	cmpl $2048, %ecx
 	jb 3b
+.endm
 
+	.section .boot32, "ax"
+	.code32
+	.globl _start32
+_start32:
+	cli
+	cld
+	movl %ebx, %esi                  /* hvm_start_info, kept in %esi */
+	movl $BOOT_PVH, %ebx             /* boot protocol, kept in %ebx */
+	lgdt gdt_ptr
+	LOAD_DATA_SEGMENTS
+	movl $boot_stack_top, %esp
+	ZERO_BSS_AND_BUILD_PAGE_TABLES %edi
 	ENTER_LONG_MODE bsp_long64
 
 /* AP, after the trampoline: 32-bit protected mode with our GDT. */
@@ -134,10 +150,30 @@ ap_start32:
 
 	.section .text.boot64, "ax"
 	.code64
+/* Linux 64-bit boot protocol entry (e_entry of unikernel-linux64.elf). */
+	.globl _start64_linux
+_start64_linux:
+	cli
+	cld
+	movl %esi, %esi                  /* boot_params (below 4 GiB), kept in %esi */
+	movl $BOOT_LINUX64, %ebx
+	movq $boot_stack_top, %rsp
+	lgdt gdt_ptr
+	pushq $SEL_CODE64                /* reload %cs from our GDT */
+	pushq $1f
+	lretq
+1:	LOAD_DATA_SEGMENTS
+	ZERO_BSS_AND_BUILD_PAGE_TABLES %rdi
+	movl $pml4, %eax
+	movq %rax, %cr3
+	/* fall through */
+
+/* %esi = boot info (start_info or boot_params), %ebx = BOOT_PVH/BOOT_LINUX64. */
 bsp_long64:
 	LOAD_DATA_SEGMENTS
 	movq $boot_stack_top, %rsp
-	movl %esi, %edi                  /* kmain(start_info_paddr) */
+	movl %esi, %edi                  /* kmain(info_paddr, protocol) */
+	movl %ebx, %esi
 	call kmain
 5:	cli
 	hlt
@@ -201,7 +237,7 @@ gdt_ptr:
 
 	.section .bss
 	.p2align 12
-	.globl pml4
+	.globl pml4, pdpt
 pml4:	.skip 4096
 pdpt:	.skip 4096
 pd:	.skip 4 * 4096

@@ -29,7 +29,8 @@ static inline uint32_t inl(uint16_t port)
 	return v;
 }
 
-/* Everything below 4 GiB is identity mapped (2 MiB pages, uncached above 2 GiB). */
+/* Everything below 4 GiB is identity mapped (2 MiB pages, uncached above 2 GiB);
+ * the mem check maps RAM above 4 GiB too (write-back, see mem.c). */
 static inline uint8_t mmio_read8(uint64_t a) { return *(volatile uint8_t *)(uintptr_t)a; }
 static inline uint16_t mmio_read16(uint64_t a) { return *(volatile uint16_t *)(uintptr_t)a; }
 static inline uint32_t mmio_read32(uint64_t a) { return *(volatile uint32_t *)(uintptr_t)a; }

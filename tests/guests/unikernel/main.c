@@ -1,9 +1,11 @@
 /* tern test unikernel: parse the command line, run the requested checks,
  * report, then perform the final action. See README.md for the protocol. */
 #include "acpi.h"
+#include "bootparam.h"
 #include "io.h"
 #include "kernel.h"
 #include "lib.h"
+#include "mem.h"
 #include "pci.h"
 #include "power.h"
 #include "serial.h"
@@ -26,12 +28,14 @@ void check_fail(const char *fmt, ...)
 	check_failures++;
 }
 
-#define MEMMAP_MAX 64
-
+uint32_t boot_protocol;
 static struct hvm_start_info start_info;
+static uint8_t boot_params[BP_SIZE]; /* Linux 64-bit protocol only */
 static char cmdline[CMDLINE_MAX];
-static struct hvm_memmap_table_entry memmap[MEMMAP_MAX];
-static unsigned memmap_entries;
+static uint64_t rsdp_hint;
+struct hvm_memmap_table_entry memmap[MEMMAP_MAX];
+unsigned memmap_entries;
+static unsigned memmap_given; /* entries the boot protocol gave (may exceed MEMMAP_MAX) */
 
 int memmap_is_ram(uint64_t addr, uint64_t len)
 {
@@ -45,14 +49,24 @@ int memmap_is_ram(uint64_t addr, uint64_t len)
 }
 
 static struct {
-	int check_pci, check_acpi, check_smp;
+	int check_pci, check_acpi, check_smp, check_mem;
 	char action[32];
 	uint8_t code;
-	int cpus; /* -1: not given */
+	int cpus;    /* -1: not given */
+	int64_t mem; /* MiB, -1: not given */
 } cfg;
 
-/* Copy what we need out of the start info before anything can overwrite it. */
-static void copy_boot_info(uint32_t si_paddr)
+static void copy_cmdline(uint64_t p)
+{
+	if (!p || p >= 0x100000000ull - CMDLINE_MAX)
+		return;
+	const volatile char *src = (const volatile char *)(uintptr_t)p;
+	for (int i = 0; i < CMDLINE_MAX - 1 && src[i]; i++)
+		cmdline[i] = src[i];
+}
+
+/* PVH: copy what we need out of the start info before anything can overwrite it. */
+static void copy_start_info(uint32_t si_paddr)
 {
 	if (si_paddr)
 		memcpy(&start_info, (const void *)(uintptr_t)si_paddr, sizeof(start_info));
@@ -60,17 +74,47 @@ static void copy_boot_info(uint32_t si_paddr)
 		return;
 	if (start_info.version >= 1 && start_info.memmap_paddr &&
 	    start_info.memmap_paddr < 0x100000000ull - sizeof(memmap)) {
-		memmap_entries = start_info.memmap_entries < MEMMAP_MAX ? start_info.memmap_entries
-									 : MEMMAP_MAX;
+		memmap_given = start_info.memmap_entries;
+		memmap_entries = memmap_given < MEMMAP_MAX ? memmap_given : MEMMAP_MAX;
 		memcpy(memmap, (const void *)(uintptr_t)start_info.memmap_paddr,
 		       memmap_entries * sizeof(memmap[0]));
 	}
-	uint64_t p = start_info.cmdline_paddr;
-	if (!p || p >= 0x100000000ull - CMDLINE_MAX)
-		return;
-	const volatile char *src = (const volatile char *)(uintptr_t)p;
-	for (int i = 0; i < CMDLINE_MAX - 1 && src[i]; i++)
-		cmdline[i] = src[i];
+	rsdp_hint = start_info.rsdp_paddr;
+	copy_cmdline(start_info.cmdline_paddr);
+}
+
+static uint32_t bp_u32(unsigned off)
+{
+	uint32_t v;
+	memcpy(&v, boot_params + off, 4);
+	return v;
+}
+
+static uint64_t bp_u64(unsigned off)
+{
+	uint64_t v;
+	memcpy(&v, boot_params + off, 8);
+	return v;
+}
+
+/* Linux 64-bit protocol: the same from boot_params (the zero page). */
+static void copy_boot_params(uint32_t bp_paddr)
+{
+	if (bp_paddr)
+		memcpy(boot_params, (const void *)(uintptr_t)bp_paddr, sizeof(boot_params));
+	memmap_given = boot_params[BP_E820_ENTRIES];
+	if (memmap_given > BP_E820_MAX)
+		memmap_given = BP_E820_MAX;
+	memmap_entries = memmap_given < MEMMAP_MAX ? memmap_given : MEMMAP_MAX;
+	for (unsigned i = 0; i < memmap_entries; i++) {
+		unsigned o = BP_E820_TABLE + i * BP_E820_ENTRY_SIZE;
+		memmap[i].addr = bp_u64(o);
+		memmap[i].size = bp_u64(o + 8);
+		memmap[i].type = bp_u32(o + 16);
+		memmap[i].reserved = 0;
+	}
+	rsdp_hint = bp_u64(BP_ACPI_RSDP_ADDR);
+	copy_cmdline(bp_u32(BP_HDR_CMD_LINE_PTR) | (uint64_t)bp_u32(BP_EXT_CMD_LINE_PTR) << 32);
 }
 
 static void parse_checks(const char *v, size_t n)
@@ -87,6 +131,8 @@ static void parse_checks(const char *v, size_t n)
 				cfg.check_acpi = 1;
 			else if (word_eq(v + i, j - i, "smp"))
 				cfg.check_smp = 1;
+			else if (word_eq(v + i, j - i, "mem"))
+				cfg.check_mem = 1;
 			else {
 				char name[32];
 				size_t k = j - i < sizeof(name) - 1 ? j - i : sizeof(name) - 1;
@@ -103,6 +149,7 @@ static void parse_cmdline(void)
 {
 	memcpy(cfg.action, "exit", 5);
 	cfg.cpus = -1;
+	cfg.mem = -1;
 	const char *s = cmdline;
 	while (*s) {
 		while (*s == ' ' || *s == '\t' || *s == '\n')
@@ -136,24 +183,42 @@ static void parse_cmdline(void)
 				check_fail("bad cpus= value");
 			else
 				cfg.cpus = (int)c;
+		} else if (word_eq(w, kn, "mem")) {
+			int64_t m = parse_num(v, vn);
+			if (m < 1)
+				check_fail("bad mem= value");
+			else
+				cfg.mem = m;
 		}
 	}
 }
 
-void kmain(uint32_t si_paddr)
+/* info_paddr: hvm_start_info (BOOT_PVH) or boot_params (BOOT_LINUX64). */
+void kmain(uint32_t info_paddr, uint32_t protocol)
 {
 	serial_init();
-	copy_boot_info(si_paddr);
+	boot_protocol = protocol;
+	if (protocol == BOOT_LINUX64)
+		copy_boot_params(info_paddr);
+	else
+		copy_start_info(info_paddr);
 	kprintf("TERN-UNIKERNEL v1 cmdline=%s\n", cmdline);
-	if (start_info.magic != HVM_START_MAGIC)
-		check_fail("start_info magic=0x%x at 0x%x", start_info.magic, si_paddr);
+	kprintf("BOOT protocol=%s\n", protocol == BOOT_LINUX64 ? "linux64" : "pvh");
+	if (protocol == BOOT_LINUX64) {
+		uint16_t flag = (uint16_t)(boot_params[BP_HDR_BOOT_FLAG] |
+					   boot_params[BP_HDR_BOOT_FLAG + 1] << 8);
+		if (flag != BP_BOOT_FLAG_MAGIC || bp_u32(BP_HDR_HEADER) != BP_HEADER_MAGIC)
+			check_fail("boot_params boot_flag=0x%x header=0x%x at 0x%x", flag,
+				   bp_u32(BP_HDR_HEADER), info_paddr);
+	} else if (start_info.magic != HVM_START_MAGIC) {
+		check_fail("start_info magic=0x%x at 0x%x", start_info.magic, info_paddr);
+	}
 	parse_cmdline();
 	if (!power_action_known(cfg.action)) {
 		check_fail("unknown action %s", cfg.action);
 		memcpy(cfg.action, "exit", 5);
 	}
 
-	uint64_t rsdp_hint = start_info.magic == HVM_START_MAGIC ? start_info.rsdp_paddr : 0;
 	uint64_t ecam = PCI_ECAM_DEFAULT;
 
 	if (cfg.check_acpi) {
@@ -177,6 +242,12 @@ void kmain(uint32_t si_paddr)
 			if (online != want)
 				check_fail("smp online=%d, expected %d", online, want);
 		}
+	}
+	if (cfg.check_mem) {
+		if (memmap_given > memmap_entries)
+			check_fail("mem map has %u entries, only %u kept", memmap_given,
+				   memmap_entries);
+		mem_check(cfg.mem);
 	}
 
 	if (check_failures == 0)

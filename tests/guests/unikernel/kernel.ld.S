@@ -1,12 +1,24 @@
-/* tern test unikernel: one RWX PT_LOAD at 1 MiB plus the PVH PT_NOTE. */
+/*
+ * tern test unikernel: one RWX PT_LOAD at 1 MiB.
+ * Run through cpp (-undef -P) by the Makefile:
+ *   unikernel.elf:         plus the PVH PT_NOTE, entry _start32
+ *   unikernel-linux64.elf: -DLINUX64, no note (the .note.Xen input section is
+ *                          discarded), e_entry _start64_linux
+ */
 OUTPUT_FORMAT("elf64-x86-64")
 OUTPUT_ARCH(i386:x86-64)
+#ifdef LINUX64
+ENTRY(_start64_linux)
+#else
 ENTRY(_start32)
+#endif
 
 PHDRS
 {
 	image PT_LOAD FLAGS(7);
+#ifndef LINUX64
 	note PT_NOTE FLAGS(4);
+#endif
 }
 
 SECTIONS
@@ -28,9 +40,11 @@ SECTIONS
 		*(.tramp16)
 	} :image
 
+#ifndef LINUX64
 	.note : {
 		*(.note.Xen)
 	} :image :note
+#endif
 
 	.rodata : {
 		*(.rodata .rodata.*)
@@ -55,6 +69,9 @@ SECTIONS
 	__image_end = .;
 
 	/DISCARD/ : {
+#ifdef LINUX64
+		*(.note.Xen)
+#endif
 		*(.comment)
 		*(.eh_frame .eh_frame_hdr)
 		*(.note.GNU-stack)
