@@ -226,3 +226,54 @@ fn pvm_hosts_get_the_pvm_template_and_one_line_saying_so() {
     assert_eq!(run.code(), 1, "{run}");
     assert!(!run.stderr.contains("CPU template 'pvm'"), "{run}");
 }
+
+/// An ELF without a PVH note goes through the Linux 64-bit boot protocol:
+/// long mode, identity-mapped low memory, boot_params in RSI with the
+/// command line, E820 map and RSDP.
+#[test]
+fn elf_without_pvh_note_boots_through_the_64_bit_entry() {
+    common::require_kvm();
+    let run = common::tern(
+        &[
+            "--kernel",
+            env!("TERN_UNIKERNEL_LINUX64"),
+            "--cpus",
+            "2",
+            "--memory",
+            "6144",
+            "--cmdline",
+            "checks=pci,acpi,smp,mem cpus=2 mem=6144 action=exit code=4",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(run.code(), 9, "{run}");
+    assert_line(&run, "BOOT protocol=linux64");
+    assert_line(&run, "SMP online=2");
+    assert_line(&run, "MEM pattern ok pages=26");
+    assert_line(&run, "RESULT pass");
+}
+
+/// RAM above the 32-bit hole: 6 GiB and 64 GiB guests see all of it in the
+/// PVH memory map and can write and read back patterns above 4 GiB.
+#[test]
+fn memory_sizes_up_to_64_gib() {
+    for mib in [32u64, 6144, 65536] {
+        common::require_kvm();
+        let mem = mib.to_string();
+        let run = common::tern(
+            &[
+                "--kernel",
+                common::UNIKERNEL,
+                "--memory",
+                &mem,
+                "--cmdline",
+                &format!("checks=mem mem={mib} action=exit"),
+            ],
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(run.code(), 1, "{mib} MiB: {run}");
+        assert_line(&run, "BOOT protocol=pvh");
+        assert!(run.stdout.contains("MEM pattern ok"), "{run}");
+        assert_line(&run, "RESULT pass");
+    }
+}

@@ -94,9 +94,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmmError> {
     let started = Instant::now();
     config.validate()?;
     let mc = &config.machine_config;
-    let Some(boot_source) = config.boot_source.as_ref() else {
-        return Err(crate::config::ConfigError::Invalid("no kernel given".into()).into());
-    };
     let template = mc
         .cpu_template
         .unwrap_or_else(CpuTemplate::default_for_host);
@@ -112,47 +109,26 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmmError> {
     let kvm = vm::open_kvm()?;
     let vm_fd = vm::create_vm(&kvm, mc.vcpu_count)?;
     let ram = memory::create_guest_ram(mc.mem_size_mib)?;
-    vm::register_memory(&vm_fd, &ram.memory)?;
-
-    let (exit_tx, exit_rx) = exit_channel();
-    let serial_out = SerialOut::new(serial_sink(&config.serial)?);
-    let machine = machine::build(&vm_fd, &exit_tx, serial_out)?;
-
-    let rsdp = acpi::create_acpi_tables(
-        &ram.memory,
-        &AcpiConfig {
-            num_cpus: mc.vcpu_count,
-            mmio64: mmio64_window(ram.size),
-        },
-    )?;
-    let spec = BootSpec {
-        kernel: &boot_source.kernel_image_path,
-        initrd: boot_source.initrd_path.as_deref(),
-        cmdline: boot_source.boot_args.as_deref().unwrap_or(""),
-        ram_size: ram.size,
-        rsdp,
-    };
-    let entry = boot::prepare(&ram.memory, &spec)?;
-
-    let base_cpuid = cpuid::supported(&kvm)?;
-    let counters = Arc::new(ExitCounters::default());
-    let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
-    for i in 0..mc.vcpu_count {
-        vcpus.push(Vcpu::new(
-            &vm_fd,
-            i,
-            mc.vcpu_count,
-            &base_cpuid,
-            template,
-            machine.pio.clone(),
-            machine.mmio.clone(),
-            exit_tx.clone(),
-            counters.clone(),
-        )?);
-    }
-    if let Some(bsp) = vcpus.first() {
-        regs::setup_boot_vcpu(bsp.fd(), &ram.memory, entry)?;
-    }
+    // Registering a memory slot waits for an SRCU grace period in the host
+    // kernel (milliseconds, whatever the size); nothing else needs the slot
+    // until the vCPUs run, so the rest of the set-up overlaps it.
+    let (memory_registered, built) = std::thread::scope(|scope| {
+        let registering = scope.spawn(|| vm::register_memory(&vm_fd, &ram.memory));
+        let built = build_rest(&kvm, &vm_fd, config, &ram, template);
+        let registered = registering.join().unwrap_or_else(|_| {
+            Err(vm::VmError::Kvm {
+                what: "KVM_SET_USER_MEMORY_REGION thread",
+                err: kvm_ioctls::Error::new(libc::EIO),
+            })
+        });
+        (registered, built)
+    });
+    memory_registered?;
+    let Built {
+        machine,
+        vcpus,
+        exit_rx,
+    } = built?;
     log::debug!("VM built in {:?}", started.elapsed());
 
     let _raw_terminal = match config.serial {
@@ -179,6 +155,72 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmmError> {
     std::mem::forget(vm_fd);
     std::mem::forget(ram);
     Ok(reason)
+}
+
+/// A VM ready to run, but for its memory slots.
+struct Built {
+    machine: machine::Machine,
+    vcpus: Vec<Vcpu>,
+    exit_rx: std::sync::mpsc::Receiver<ExitReason>,
+}
+
+/// Everything but the memory slots: devices, ACPI, kernel, vCPUs.
+fn build_rest(
+    kvm: &kvm_ioctls::Kvm,
+    vm_fd: &kvm_ioctls::VmFd,
+    config: &VmConfig,
+    ram: &memory::GuestRam,
+    template: CpuTemplate,
+) -> Result<Built, VmmError> {
+    let mc = &config.machine_config;
+    let Some(boot_source) = config.boot_source.as_ref() else {
+        return Err(crate::config::ConfigError::Invalid("no kernel given".into()).into());
+    };
+
+    let (exit_tx, exit_rx) = exit_channel();
+    let serial_out = SerialOut::new(serial_sink(&config.serial)?);
+    let machine = machine::build(vm_fd, &exit_tx, serial_out)?;
+
+    let rsdp = acpi::create_acpi_tables(
+        &ram.memory,
+        &AcpiConfig {
+            num_cpus: mc.vcpu_count,
+            mmio64: mmio64_window(ram.size),
+        },
+    )?;
+    let spec = BootSpec {
+        kernel: &boot_source.kernel_image_path,
+        initrd: boot_source.initrd_path.as_deref(),
+        cmdline: boot_source.boot_args.as_deref().unwrap_or(""),
+        ram_size: ram.size,
+        rsdp,
+    };
+    let entry = boot::prepare(&ram.memory, &spec)?;
+
+    let base_cpuid = cpuid::supported(kvm)?;
+    let counters = Arc::new(ExitCounters::default());
+    let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
+    for i in 0..mc.vcpu_count {
+        vcpus.push(Vcpu::new(
+            vm_fd,
+            i,
+            mc.vcpu_count,
+            &base_cpuid,
+            template,
+            machine.pio.clone(),
+            machine.mmio.clone(),
+            exit_tx.clone(),
+            counters.clone(),
+        )?);
+    }
+    if let Some(bsp) = vcpus.first() {
+        regs::setup_boot_vcpu(bsp.fd(), &ram.memory, entry)?;
+    }
+    Ok(Built {
+        machine,
+        vcpus,
+        exit_rx,
+    })
 }
 
 #[cfg(test)]

@@ -3,14 +3,14 @@
  *
  * PVH (_start32, named by the PVH note of unikernel.elf): entered in 32-bit
  * protected mode, paging off, flat segments, %ebx = physical address of struct
- * hvm_start_info. Builds identity page tables for the low 4 GiB (2 MiB pages;
- * uncached above 2 GiB where the MMIO lives), switches to long mode and calls
- * kmain(start_info_paddr, BOOT_PVH).
+ * hvm_start_info. Loads the link-time identity page tables (low 4 GiB, 2 MiB
+ * pages, uncached above 2 GiB where the MMIO lives), switches to long mode,
+ * zeroes .bss and calls kmain(start_info_paddr, BOOT_PVH).
  *
  * Linux 64-bit boot protocol (_start64_linux, e_entry of unikernel-linux64.elf,
  * which has no PVH note): entered in long mode with the VMM's page tables,
- * %rsi = physical address of struct boot_params. Loads our GDT, zeroes .bss,
- * builds the same page tables, switches CR3 to them and calls
+ * %rsi = physical address of struct boot_params. Loads our GDT, switches CR3
+ * to the same page tables, zeroes .bss and calls
  * kmain(boot_params_paddr, BOOT_LINUX64). Both ELFs contain both entries.
  *
  * Also holds the AP start-up trampoline, copied to AP_TRAMPOLINE (< 1 MiB) by
@@ -86,47 +86,20 @@
 .endm
 
 /*
- * Zero .bss (page tables, variables) with a plain loop, then build the
- * identity map of the low 4 GiB. Used in 32-bit and in 64-bit code: \di is
- * %edi or %rdi (the addresses are below 4 GiB). Clobbers %eax, %ecx, %edi.
+ * Zero .bss (variables only: the page tables are static data and the stacks
+ * live outside .bss). Runs in 64-bit mode, where a software KVM runs most of
+ * it natively; in 32-bit mode every instruction would be emulated.
+ * Clobbers %rdi, %rcx.
  */
-.macro ZERO_BSS_AND_BUILD_PAGE_TABLES di
+.macro ZERO_BSS
 	movl $__bss_start, %edi
 	movl $__bss_end, %ecx
-1:	cmpl %ecx, %edi
+1:	cmpq %rcx, %rdi
 	jae 2f
-	movl $0, (\di)
-	addl $4, %edi
+	movq $0, (%rdi)
+	addq $8, %rdi
 	jmp 1b
 2:
-	/* PML4[0] -> PDPT; PDPT[0..3] -> PD[0..3]. */
-	movl $pdpt, %eax
-	orl $PTE_P_RW, %eax
-	movl %eax, pml4
-	movl $pd, %eax
-	orl $PTE_P_RW, %eax
-	movl %eax, pdpt
-	addl $0x1000, %eax
-	movl %eax, pdpt + 8
-	addl $0x1000, %eax
-	movl %eax, pdpt + 16
-	addl $0x1000, %eax
-	movl %eax, pdpt + 24
-
-	/* 2048 PDEs: entry i maps i * 2 MiB; uncached from 2 GiB up. */
-	movl $pd, %edi
-	xorl %ecx, %ecx
-3:	movl %ecx, %eax
-	shll $21, %eax
-	orl $PDE_2M, %eax
-	cmpl $1024, %ecx
-	jb 4f
-	orl $PTE_PCD_PWT, %eax
-4:	movl %eax, (\di)
-	addl $8, %edi
-	incl %ecx
-	cmpl $2048, %ecx
-	jb 3b
 .endm
 
 	.section .boot32, "ax"
@@ -140,7 +113,7 @@ _start32:
 	lgdt gdt_ptr
 	LOAD_DATA_SEGMENTS
 	movl $boot_stack_top, %esp
-	ZERO_BSS_AND_BUILD_PAGE_TABLES %edi
+	/* The page tables are built at link time: nothing to compute here. */
 	ENTER_LONG_MODE bsp_long64
 
 /* AP, after the trampoline: 32-bit protected mode with our GDT. */
@@ -163,7 +136,6 @@ _start64_linux:
 	pushq $1f
 	lretq
 1:	LOAD_DATA_SEGMENTS
-	ZERO_BSS_AND_BUILD_PAGE_TABLES %rdi
 	movl $pml4, %eax
 	movq %rax, %cr3
 	/* fall through */
@@ -172,6 +144,7 @@ _start64_linux:
 bsp_long64:
 	LOAD_DATA_SEGMENTS
 	movq $boot_stack_top, %rsp
+	ZERO_BSS
 	movl %esi, %edi                  /* kmain(info_paddr, protocol) */
 	movl %ebx, %esi
 	call kmain
@@ -235,12 +208,28 @@ gdt_ptr:
 	.word gdt_end - gdt - 1
 	.quad gdt
 
-	.section .bss
+/*
+ * Identity map of the low 4 GiB with 2 MiB pages, uncached from 2 GiB up
+ * (where the MMIO lives), computed by the assembler: the VMM copies it in
+ * with the image, so the guest's 32-bit entry (fully emulated on a software
+ * KVM) does no work for it. mem.c extends it at run time.
+ */
+	.section .data.pagetables, "aw"
 	.p2align 12
 	.globl pml4, pdpt
-pml4:	.skip 4096
-pdpt:	.skip 4096
-pd:	.skip 4 * 4096
+pml4:
+	.quad pdpt + PTE_P_RW
+	.fill 511, 8, 0
+pdpt:
+	.quad pd + PTE_P_RW, pd + 0x1000 + PTE_P_RW, pd + 0x2000 + PTE_P_RW, pd + 0x3000 + PTE_P_RW
+	.fill 508, 8, 0
+pd:
+	.set pde_index, 0
+	.rept 2048
+	/* GAS comparisons give -1 for true: the mask keeps PCD|PWT from 2 GiB. */
+	.quad (pde_index << 21) | PDE_2M | ((pde_index >= 1024) & PTE_PCD_PWT)
+	.set pde_index, pde_index + 1
+	.endr
 
 /* Stacks are not zeroed (NOLOAD, outside .bss). */
 	.section .stack, "aw", @nobits

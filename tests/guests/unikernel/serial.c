@@ -23,12 +23,25 @@ void serial_init(void)
 	outb(COM1 + UART_MCR, 0x03); /* DTR|RTS, OUT2 off: no IRQ line */
 }
 
+#define UART_FIFO_SIZE 16
+
+/* Bytes the transmit FIFO can still take since THRE was last seen. */
+static unsigned tx_room;
+
 void serial_putc(char c)
 {
-	/* Bounded wait: a missing or stuck UART must not hang the guest. */
-	for (unsigned i = 0; i < 100000; i++)
-		if (inb(COM1 + UART_LSR) & LSR_THRE)
-			break;
+	/*
+	 * THRE means the 16-byte transmit FIFO is empty: load it fully before
+	 * polling again, as 16550 drivers do. Every port access is a VM exit.
+	 * Bounded wait: a missing or stuck UART must not hang the guest.
+	 */
+	if (tx_room == 0) {
+		for (unsigned i = 0; i < 100000; i++)
+			if (inb(COM1 + UART_LSR) & LSR_THRE)
+				break;
+		tx_room = UART_FIFO_SIZE;
+	}
+	tx_room--;
 	outb(COM1 + UART_THR, (uint8_t)c);
 }
 
