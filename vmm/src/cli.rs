@@ -11,10 +11,13 @@ use crate::kvm::cpuid::CpuTemplate;
 pub const USAGE: &str = "\
 usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
             [--serial stdout|file:PATH|none] [--cpu-template host|baseline|pvm]
-            [--config-file PATH]
+            [--config-file PATH] [--api-sock PATH] [--id ID]
+       tern --api-sock PATH [--id ID]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
 off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
+With --api-sock, serves the HTTP API on that Unix socket; without a kernel it
+waits for configuration and InstanceStart there.
 
   --kernel PATH         ELF (PVH note or 64-bit entry) or bzImage kernel
   --initrd PATH         initramfs
@@ -25,6 +28,8 @@ off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
   --cpu-template NAME   host (default on hardware KVM), baseline, or pvm
                         (default on kvm_pvm hosts)
   --config-file PATH    JSON with machine-config, boot-source, serial sections
+  --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
+  --id ID               the VM's id in the API (default tern-<pid>)
   --help, --version
 ";
 
@@ -59,8 +64,21 @@ pub enum Command {
     Help,
     /// Print the version.
     Version,
-    /// Boot a VM.
-    Run(VmConfig),
+    /// Run a VM (boot it now if a kernel is configured).
+    Run(RunOptions),
+}
+
+/// What to run.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// The configuration so far (complete when `boot_now`).
+    pub config: VmConfig,
+    /// Boot at once (a kernel was given), rather than wait for the API.
+    pub boot_now: bool,
+    /// Serve the API here.
+    pub api_sock: Option<PathBuf>,
+    /// The VM's id.
+    pub id: Option<String>,
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError>
@@ -103,12 +121,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         Some((_, path)) => VmConfig::from_file(&PathBuf::from(path))?,
         None => VmConfig::default(),
     };
+    let mut api_sock: Option<PathBuf> = None;
+    let mut id: Option<String> = None;
     let mut kernel: Option<PathBuf> = None;
     let mut initrd: Option<PathBuf> = None;
     let mut cmdline: Option<String> = None;
     for (flag, value) in pairs {
         match flag.as_str() {
             "--config-file" => {}
+            "--api-sock" => api_sock = Some(value.into()),
+            "--id" => id = Some(value),
             "--kernel" => kernel = Some(value.into()),
             "--initrd" => initrd = Some(value.into()),
             "--cmdline" => cmdline = Some(value),
@@ -140,8 +162,18 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             return Err(CliError::MissingValue("--kernel".into()));
         }
     }
-    config.validate()?;
-    Ok(Command::Run(config))
+    let boot_now = config.boot_source.is_some();
+    if boot_now || api_sock.is_none() {
+        config.validate()?;
+    } else {
+        config.machine_config.validate()?;
+    }
+    Ok(Command::Run(RunOptions {
+        config,
+        boot_now,
+        api_sock,
+        id,
+    }))
 }
 
 #[cfg(test)]
@@ -154,12 +186,18 @@ mod tests {
 
     #[test]
     fn flags_fill_the_config() {
-        let Command::Run(c) = parse(args(
+        let Command::Run(RunOptions {
+            config: c,
+            boot_now,
+            ..
+        }) = parse(args(
             "--kernel /k --cpus 4 --memory=512 --cmdline x --serial none",
         ))
-        .unwrap() else {
+        .unwrap()
+        else {
             panic!("not a run");
         };
+        assert!(boot_now);
         assert_eq!(c.machine_config.vcpu_count, 4);
         assert_eq!(c.machine_config.mem_size_mib, 512);
         assert_eq!(c.serial, SerialOutput::None);
@@ -183,6 +221,10 @@ mod tests {
             Err(CliError::BadValue { .. })
         ));
         assert!(matches!(parse(args("--cpus 2")), Err(CliError::Config(_))));
+        let Ok(Command::Run(o)) = parse(args("--api-sock /tmp/s --cpus 2")) else {
+            panic!()
+        };
+        assert!(!o.boot_now && o.api_sock.is_some());
         assert!(matches!(
             parse(args("--kernel /k --cpu-template fast")),
             Err(CliError::BadValue { .. })

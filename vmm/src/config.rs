@@ -56,6 +56,20 @@ pub struct MachineConfig {
     /// Track dirty pages (for diff snapshots and migration).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Back guest RAM with huge pages.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+}
+
+/// Page size backing guest RAM (Firecracker's values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum HugePages {
+    /// Ordinary 4 KiB pages.
+    #[default]
+    None,
+    /// 2 MiB pages from hugetlbfs (the host must have them reserved).
+    #[serde(rename = "2M")]
+    Huge2M,
 }
 
 impl Default for MachineConfig {
@@ -66,6 +80,7 @@ impl Default for MachineConfig {
             smt: false,
             cpu_template: None,
             track_dirty_pages: false,
+            huge_pages: HugePages::None,
         }
     }
 }
@@ -147,7 +162,20 @@ impl VmConfig {
 
     /// Checks ranges and required parts before anything is created.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.machine_config;
+        self.machine_config.validate()?;
+        if self.boot_source.is_none() {
+            return Err(ConfigError::Invalid(
+                "no kernel given (--kernel or boot-source)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl MachineConfig {
+    /// Checks the ranges: vCPUs, memory, SMT.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = self;
         if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
             return Err(ConfigError::Invalid(format!(
                 "vcpu_count {} is out of range (1 to {MAX_VCPUS})",
@@ -161,12 +189,15 @@ impl VmConfig {
             )));
         }
         if m.smt {
-            return Err(ConfigError::Invalid("smt=true is not supported yet".into()));
-        }
-        if self.boot_source.is_none() {
             return Err(ConfigError::Invalid(
-                "no kernel given (--kernel or boot-source)".into(),
+                "smt: true is not supported yet".into(),
             ));
+        }
+        if m.huge_pages == HugePages::Huge2M && !m.mem_size_mib.is_multiple_of(2) {
+            return Err(ConfigError::Invalid(format!(
+                "mem_size_mib {} is not a multiple of the 2 MiB huge page size",
+                m.mem_size_mib
+            )));
         }
         Ok(())
     }

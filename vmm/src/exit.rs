@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 /// The guest or the VMM ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -66,6 +68,7 @@ impl fmt::Display for ExitReason {
 pub struct ExitSender {
     tx: Sender<ExitReason>,
     stopping: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
 }
 
 impl ExitSender {
@@ -77,6 +80,9 @@ impl ExitSender {
         // The receiver lives as long as the VM; if it is gone the process is
         // already exiting and there is nobody left to tell.
         let _ = self.tx.send(reason);
+        // Wake the VMM thread's event loop; if the eventfd counter is full
+        // it is already awake.
+        let _ = self.wake.write(1);
     }
 
     /// Whether the VM is ending: vCPUs check this after each exit so the
@@ -86,16 +92,27 @@ impl ExitSender {
     }
 }
 
-/// Creates the channel that carries exit reasons to the main thread.
-pub fn exit_channel() -> (ExitSender, Receiver<ExitReason>) {
+/// The VMM thread's end: an eventfd to poll and the reasons behind it.
+pub struct ExitReceiver {
+    /// Readable once an exit was reported.
+    pub event: EventFd,
+    /// The reasons, first one first.
+    pub reasons: Receiver<ExitReason>,
+}
+
+/// Creates the channel that carries exit reasons to the VMM thread.
+pub fn exit_channel() -> std::io::Result<(ExitSender, ExitReceiver)> {
     let (tx, rx) = channel();
-    (
+    let event = EventFd::new(libc::EFD_NONBLOCK)?;
+    let wake = Arc::new(event.try_clone()?);
+    Ok((
         ExitSender {
             tx,
             stopping: Arc::new(AtomicBool::new(false)),
+            wake,
         },
-        rx,
-    )
+        ExitReceiver { event, reasons: rx },
+    ))
 }
 
 /// A `vm_superio::Trigger` that ends the VM with a fixed reason (used for the

@@ -5,9 +5,11 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod devices;
 pub mod exit;
 pub mod kvm;

@@ -37,6 +37,14 @@ pub enum MemoryError {
     /// mmap failed.
     #[error("cannot map guest memory: {0}")]
     Mmap(vm_memory::mmap::MmapRegionError),
+    /// Not enough free huge pages on the host.
+    #[error("huge_pages 2M needs {needed} free 2 MiB huge pages but the host has {free} (see /proc/sys/vm/nr_hugepages)")]
+    HugePages {
+        /// Pages needed.
+        needed: u64,
+        /// Pages free.
+        free: u64,
+    },
     /// The regions did not form a valid guest memory.
     #[error("invalid guest memory layout: {0}")]
     Layout(String),
@@ -64,15 +72,24 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
-/// Creates `mib` MiB of guest RAM backed by a fresh memfd.
-pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
+/// Creates `mib` MiB of guest RAM backed by a fresh memfd, of 2 MiB huge
+/// pages when `huge` is set.
+pub fn create_guest_ram(mib: u64, huge: bool) -> Result<GuestRam, MemoryError> {
     if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
         return Err(MemoryError::BadSize(mib));
     }
     let size = mib << 20;
+    if huge {
+        check_free_huge_pages(mib / 2)?;
+    }
+    let flags = if huge {
+        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+    } else {
+        libc::MFD_CLOEXEC
+    };
     // SAFETY: the name is a valid NUL-terminated string and the flags are
     // valid; the returned descriptor is checked before use.
-    let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"tern-guest-ram".as_ptr(), flags) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -88,7 +105,13 @@ pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
         let mmap = MmapRegionBuilder::new(len as usize)
             .with_file_offset(fo)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            // Huge pages are reserved at mmap time, so a shortage is an
+            // error now rather than a SIGBUS when the guest touches memory.
+            .with_mmap_flags(if huge {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_SHARED | libc::MAP_NORESERVE
+            })
             .build()
             .map_err(MemoryError::Mmap)?;
         let region = GuestRegionMmap::new(mmap, addr)
@@ -99,6 +122,18 @@ pub fn create_guest_ram(mib: u64) -> Result<GuestRam, MemoryError> {
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
     Ok(GuestRam { memory, file, size })
+}
+
+/// Fails unless the host has `needed` free 2 MiB huge pages.
+fn check_free_huge_pages(needed: u64) -> Result<(), MemoryError> {
+    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if free < needed {
+        return Err(MemoryError::HugePages { needed, free });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -119,12 +154,12 @@ mod tests {
 
     #[test]
     fn creates_shared_memory_of_large_size() {
-        let ram = create_guest_ram(64 << 10).unwrap();
+        let ram = create_guest_ram(64 << 10, false).unwrap();
         assert_eq!(ram.memory.num_regions(), 2);
         assert_eq!(ram.file.metadata().unwrap().len(), 64 << 30);
         ram.memory
             .write_obj(0xdead_beefu32, GuestAddress(HIGH_RAM_START))
             .unwrap();
-        assert!(create_guest_ram(1).is_err());
+        assert!(create_guest_ram(1, false).is_err());
     }
 }

@@ -132,14 +132,14 @@ mod tests {
 
     #[test]
     fn s5_powers_off_and_other_states_do_not() {
-        let (tx, rx) = exit_channel();
+        let (tx, rx) = exit_channel().unwrap();
         let mut pm = AcpiPm::new(tx);
         let s3 = (3u16 << SLP_TYP_SHIFT) | SLP_EN;
         pm.write(PM1_CNT, &s3.to_le_bytes());
-        assert!(rx.try_recv().is_err());
+        assert!(rx.reasons.try_recv().is_err());
         let s5 = (u16::from(ACPI_S5_SLP_TYP) << SLP_TYP_SHIFT) | SLP_EN;
         pm.write(PM1_CNT, &s5.to_le_bytes());
-        assert_eq!(rx.try_recv().unwrap(), ExitReason::PowerOff);
+        assert_eq!(rx.reasons.try_recv().unwrap(), ExitReason::PowerOff);
         let mut b = [0u8; 2];
         pm.read(PM1_CNT, &mut b);
         assert_eq!(u16::from_le_bytes(b) & SCI_EN, SCI_EN);
@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn pm_timer_advances() {
-        let (tx, _rx) = exit_channel();
+        let (tx, _rx) = exit_channel().unwrap();
         let mut pm = AcpiPm::new(tx);
         let mut a = [0u8; 4];
         pm.read(PM_TMR, &mut a);

@@ -2,6 +2,7 @@
 
 pub mod cpuid;
 pub mod msrs;
+pub mod pause;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;

@@ -12,6 +12,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use super::cpuid::{self, CpuTemplate};
 use super::msrs;
+use super::pause::VcpuControl;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSender};
 
@@ -55,10 +56,23 @@ pub struct ExitCounters {
 pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    exit: ExitSender,
-    counters: Arc<ExitCounters>,
+    shared: VcpuShared,
+}
+
+/// What every vCPU of a VM shares: the buses, the exit channel, the exit
+/// counters and the pause control.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where the VM's end is reported.
+    pub exit: ExitSender,
+    /// Exit counters.
+    pub counters: Arc<ExitCounters>,
+    /// Pause and resume.
+    pub control: Arc<VcpuControl>,
 }
 
 /// Offsets of the LAPIC's LVT LINT0/LINT1 registers and the delivery modes
@@ -101,17 +115,13 @@ fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> Option<String> {
 
 impl Vcpu {
     /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and LAPIC.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: &VmFd,
         index: u32,
         count: u32,
         base_cpuid: &CpuId,
         template: CpuTemplate,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        exit: ExitSender,
-        counters: Arc<ExitCounters>,
+        shared: VcpuShared,
     ) -> Result<Self, VcpuError> {
         let kvm_err = |what| move |err| VcpuError::Kvm { index, what, err };
         let fd = vm
@@ -149,14 +159,7 @@ impl Vcpu {
             (lvt1 & !0x700) | (APIC_MODE_NMI << 8),
         );
         fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        Ok(Self {
-            fd,
-            index,
-            pio,
-            mmio,
-            exit,
-            counters,
-        })
+        Ok(Self { fd, index, shared })
     }
 
     /// The KVM vCPU, for boot register setup.
@@ -174,7 +177,7 @@ impl Vcpu {
     }
 
     fn fail(&self, message: String) {
-        self.exit.send(ExitReason::VcpuError {
+        self.shared.exit.send(ExitReason::VcpuError {
             vcpu: self.index,
             message,
         });
@@ -225,44 +228,57 @@ impl Vcpu {
 
     fn run(mut self) {
         loop {
-            if self.exit.is_stopping() {
+            self.shared.control.park_if_paused();
+            if self.shared.exit.is_stopping() {
                 return;
             }
             let result = self.fd.run();
             match result {
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    self.counters.io.fetch_add(1, Ordering::Relaxed);
-                    if !self.pio.read(u64::from(port), data) {
-                        self.counters.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.io.fetch_add(1, Ordering::Relaxed);
+                    if !self.shared.pio.read(u64::from(port), data) {
+                        self.shared
+                            .counters
+                            .unhandled_io
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    self.counters.io.fetch_add(1, Ordering::Relaxed);
-                    if !self.pio.write(u64::from(port), data) {
-                        self.counters.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.io.fetch_add(1, Ordering::Relaxed);
+                    if !self.shared.pio.write(u64::from(port), data) {
+                        self.shared
+                            .counters
+                            .unhandled_io
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-                    if !self.mmio.read(addr, data) {
-                        self.counters.unhandled_mmio.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    if !self.shared.mmio.read(addr, data) {
+                        self.shared
+                            .counters
+                            .unhandled_mmio
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-                    if !self.mmio.write(addr, data) {
-                        self.counters.unhandled_mmio.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    if !self.shared.mmio.write(addr, data) {
+                        self.shared
+                            .counters
+                            .unhandled_mmio
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    self.exit.send(ExitReason::TripleFault);
+                    self.shared.exit.send(ExitReason::TripleFault);
                     return;
                 }
                 Ok(VcpuExit::SystemEvent(kind, data)) => {
                     match kind {
-                        KVM_SYSTEM_EVENT_SHUTDOWN => self.exit.send(ExitReason::PowerOff),
+                        KVM_SYSTEM_EVENT_SHUTDOWN => self.shared.exit.send(ExitReason::PowerOff),
                         KVM_SYSTEM_EVENT_RESET => {
-                            self.exit.send(ExitReason::Reset("KVM system event"))
+                            self.shared.exit.send(ExitReason::Reset("KVM system event"))
                         }
                         KVM_SYSTEM_EVENT_CRASH => {
                             let msg = format!("guest crash event {data:x?}");
@@ -289,7 +305,7 @@ impl Vcpu {
                     return;
                 }
                 Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {
-                    self.counters.other.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.other.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(other) => {
                     let what = format!("{other:?}");
@@ -298,7 +314,7 @@ impl Vcpu {
                     return;
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.counters.other.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.other.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     let msg = format!("KVM_RUN failed: {e} at guest RIP {}", self.rip());

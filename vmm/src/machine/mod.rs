@@ -46,6 +46,50 @@ pub enum MachineError {
     },
 }
 
+/// One device as `GET /devices` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// Stable name.
+    pub id: String,
+    /// What it is.
+    pub kind: &'static str,
+    /// PCI address (`0000:00:1f.0`) for PCI functions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<String>,
+    /// First I/O port, for port devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_port: Option<String>,
+    /// MMIO base, for memory-mapped devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmio_address: Option<String>,
+    /// `attached` (later issues add plugging, unplugging, disconnected).
+    pub state: &'static str,
+}
+
+impl DeviceInfo {
+    fn port(id: &str, kind: &'static str, port: u16) -> Self {
+        Self {
+            id: id.into(),
+            kind,
+            pci_address: None,
+            io_port: Some(format!("{port:#x}")),
+            mmio_address: None,
+            state: "attached",
+        }
+    }
+
+    fn pci(id: &str, kind: &'static str, dev: u8, func: u8) -> Self {
+        Self {
+            id: id.into(),
+            kind,
+            pci_address: Some(format!("0000:00:{dev:02x}.{func}")),
+            io_port: None,
+            mmio_address: None,
+            state: "attached",
+        }
+    }
+}
+
 /// The assembled machine.
 pub struct Machine {
     /// Port I/O bus.
@@ -56,6 +100,10 @@ pub struct Machine {
     pub serial: SharedSerial,
     /// PCI bus 0.
     pub pci: SharedPciBus,
+    /// The keyboard controller, for Ctrl-Alt-Del.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// Every device, for `GET /devices`.
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// An eventfd wired to `gsi` through KVM's irqfd.
@@ -77,8 +125,11 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
     )));
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
 
-    let i8042 = I8042::new(ExitTrigger::new(exit.clone(), ExitReason::Reset("i8042")));
-    pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        ExitTrigger::new(exit.clone(), ExitReason::Reset("i8042")),
+        irq_line(vm, I8042_IRQ)?,
+    )));
+    pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 5)?;
     pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(RTC_PORT), 2)?;
     pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1)?;
     pio.insert(
@@ -111,10 +162,33 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         ECAM_SIZE,
     )?;
 
+    let (hb, lpc) = (chipset::HOST_BRIDGE_DEVFN, chipset::LPC_DEVFN);
+    let ecam = DeviceInfo {
+        id: "pcie-ecam".into(),
+        kind: "pcie-ecam",
+        pci_address: None,
+        io_port: None,
+        mmio_address: Some(format!("{ECAM_START:#x}")),
+        state: "attached",
+    };
+    let devices = vec![
+        DeviceInfo::pci("host-bridge", "pci-host-bridge", hb.0, hb.1),
+        DeviceInfo::pci("lpc", "isa-bridge", lpc.0, lpc.1),
+        ecam,
+        DeviceInfo::port("com1", "serial", COM1_PORT),
+        DeviceInfo::port("i8042", "i8042", I8042_DATA_PORT),
+        DeviceInfo::port("rtc", "cmos-rtc", RTC_PORT),
+        DeviceInfo::port("acpi-pm", "acpi-pm", ACPI_PM_BASE),
+        DeviceInfo::port("pci-config", "pci-config-io", PCI_CONFIG_ADDRESS_PORT),
+        DeviceInfo::port("reset", "reset-control", RESET_CONTROL_PORT),
+        DeviceInfo::port("debug-exit", "isa-debug-exit", DEBUG_EXIT_PORT),
+    ];
     Ok(Machine {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         serial,
         pci,
+        i8042,
+        devices,
     })
 }

@@ -1,0 +1,7 @@
+//! Request bodies, one module per resource, each with its parsing tests.
+
+pub mod actions;
+pub mod boot_source;
+pub mod logger;
+pub mod machine_config;
+pub mod vm;

@@ -1,0 +1,109 @@
+//! The route table: `(method, path)` to a typed [`ApiRequest`]. [`ROUTES`]
+//! lists every pair the server answers; a test checks it against
+//! `api-spec/tern.yaml`.
+
+use super::request::{actions, boot_source, logger, machine_config, vm};
+use super::{ApiError, ApiRequest};
+
+/// Every (method, path) the server routes.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/machine-config"),
+    ("PUT", "/machine-config"),
+    ("PATCH", "/machine-config"),
+    ("PUT", "/boot-source"),
+    ("PUT", "/actions"),
+    ("PATCH", "/vm"),
+    ("GET", "/vm/config"),
+    ("GET", "/devices"),
+    ("PUT", "/logger"),
+    ("GET", "/metrics"),
+];
+
+/// The path without query string or a trailing slash.
+fn normalise(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or("");
+    match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    }
+}
+
+/// Turns a request into an [`ApiRequest`], or the error to answer with.
+pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let path = normalise(url);
+    Ok(match (method, path) {
+        ("GET", "/") => ApiRequest::GetInfo,
+        ("GET", "/machine-config") => ApiRequest::GetMachineConfig,
+        ("PUT", "/machine-config") => {
+            ApiRequest::PutMachineConfig(machine_config::parse_put(body)?)
+        }
+        ("PATCH", "/machine-config") => {
+            ApiRequest::PatchMachineConfig(machine_config::parse_patch(body)?)
+        }
+        ("PUT", "/boot-source") => ApiRequest::PutBootSource(boot_source::parse(body)?),
+        ("PUT", "/actions") => ApiRequest::Action(actions::parse(body)?),
+        ("PATCH", "/vm") => ApiRequest::PatchVm(vm::parse(body)?),
+        ("GET", "/vm/config") => ApiRequest::GetVmConfig,
+        ("GET", "/devices") => ApiRequest::GetDevices,
+        ("PUT", "/logger") => ApiRequest::PutLogger(logger::parse(body)?),
+        ("GET", "/metrics") => ApiRequest::GetMetrics,
+        _ => return Err(unrouted(method, path)),
+    })
+}
+
+/// 405 with the allowed methods when the path exists, else 404.
+fn unrouted(method: &str, path: &str) -> ApiError {
+    let allowed: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, p)| *p == path)
+        .map(|(m, _)| *m)
+        .collect();
+    if allowed.is_empty() {
+        return ApiError::not_found(path);
+    }
+    let allow = allowed.join(", ");
+    ApiError {
+        status: 405,
+        message: format!("method {method} is not allowed on {path} (allowed: {allow})"),
+        allow: Some(allow),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body each route accepts, so the table and the match agree.
+    fn sample_body(method: &str, path: &str) -> &'static [u8] {
+        match (method, path) {
+            ("PUT", "/machine-config") => br#"{"vcpu_count":1,"mem_size_mib":64}"#,
+            ("PATCH", "/machine-config") => br#"{"vcpu_count":2}"#,
+            ("PUT", "/boot-source") => br#"{"kernel_image_path":"/proc/self/exe"}"#,
+            ("PUT", "/actions") => br#"{"action_type":"InstanceStart"}"#,
+            ("PATCH", "/vm") => br#"{"state":"Paused"}"#,
+            ("PUT", "/logger") => br#"{"level":"Info"}"#,
+            _ => b"",
+        }
+    }
+
+    #[test]
+    fn every_listed_route_is_routed() {
+        for (m, p) in ROUTES {
+            assert!(parse(m, p, sample_body(m, p)).is_ok(), "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        assert_eq!(parse("GET", "/nope", b"").unwrap_err().status, 404);
+        let e = parse("DELETE", "/machine-config", b"").unwrap_err();
+        assert_eq!(e.status, 405);
+        assert_eq!(e.allow.as_deref(), Some("GET, PUT, PATCH"));
+        assert_eq!(parse("POST", "/", b"").unwrap_err().status, 405);
+        assert_eq!(
+            parse("GET", "/machine-config/?x=1", b"").unwrap(),
+            ApiRequest::GetMachineConfig
+        );
+    }
+}
