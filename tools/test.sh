@@ -17,3 +17,5 @@ echo "test: TERN_GUEST_DIR=${TERN_GUEST_DIR:-<unset: Linux boot tests will fail;
 
 cargo build --workspace --bins --tests
 cargo nextest run --workspace --no-fail-fast "$@"
+# A bounded schemathesis pass of the HTTP API against api-spec/tern.yaml.
+bash tools/api-fuzz.sh target/debug/tern

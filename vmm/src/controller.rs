@@ -136,7 +136,12 @@ impl Controller {
         match request {
             ApiRequest::PutMachineConfig(m) => self.pending.machine_config = m,
             ApiRequest::PatchMachineConfig(u) => {
-                self.pending.machine_config = u.apply(&self.pending.machine_config)
+                // The merged result must be valid, not just the patch.
+                let merged = u.apply(&self.pending.machine_config);
+                merged
+                    .validate()
+                    .map_err(|e| ApiError::bad_request(format!("machine-config: {e}")))?;
+                self.pending.machine_config = merged;
             }
             ApiRequest::PutBootSource(b) => self.pending.boot_source = Some(b),
             ApiRequest::GetDevices => return json(Vec::<serde_json::Value>::new()),

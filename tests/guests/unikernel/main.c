@@ -3,6 +3,7 @@
 #include "acpi.h"
 #include "bootparam.h"
 #include "io.h"
+#include "kbd.h"
 #include "kernel.h"
 #include "lib.h"
 #include "mem.h"
@@ -54,6 +55,8 @@ static struct {
 	uint8_t code;
 	int cpus;    /* -1: not given */
 	int64_t mem; /* MiB, -1: not given */
+	uint32_t period_ms; /* heartbeat period */
+	uint32_t beats;     /* heartbeats before exit, 0: no limit */
 } cfg;
 
 static void copy_cmdline(uint64_t p)
@@ -150,6 +153,7 @@ static void parse_cmdline(void)
 	memcpy(cfg.action, "exit", 5);
 	cfg.cpus = -1;
 	cfg.mem = -1;
+	cfg.period_ms = 100;
 	const char *s = cmdline;
 	while (*s) {
 		while (*s == ' ' || *s == '\t' || *s == '\n')
@@ -189,6 +193,18 @@ static void parse_cmdline(void)
 				check_fail("bad mem= value");
 			else
 				cfg.mem = m;
+		} else if (word_eq(w, kn, "period")) {
+			int64_t m = parse_num(v, vn);
+			if (m < 1 || m > 3600000)
+				check_fail("bad period= value");
+			else
+				cfg.period_ms = (uint32_t)m;
+		} else if (word_eq(w, kn, "beats")) {
+			int64_t m = parse_num(v, vn);
+			if (m < 0 || m > 0xffffffffll)
+				check_fail("bad beats= value");
+			else
+				cfg.beats = (uint32_t)m;
 		}
 	}
 }
@@ -260,5 +276,8 @@ void kmain(uint32_t info_paddr, uint32_t protocol)
 			    word_eq(cfg.action, strlen(cfg.action), "acpi-reset")))
 		acpi_parse(rsdp_hint, 0);
 
-	power_action(cfg.action, check_failures ? FAIL_EXIT_VALUE : cfg.code);
+	uint8_t exit_value = check_failures ? FAIL_EXIT_VALUE : cfg.code;
+	if (word_eq(cfg.action, strlen(cfg.action), "heartbeat"))
+		heartbeat(cfg.period_ms, cfg.beats, exit_value, FAIL_EXIT_VALUE);
+	power_action(cfg.action, exit_value);
 }

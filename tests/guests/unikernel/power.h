@@ -11,6 +11,7 @@
  * and halts forever. `exit_value` is the byte written for "exit". */
 void power_action(const char *name, uint8_t exit_value) __attribute__((noreturn));
 
+/* Is `name` an action? Includes "heartbeat", which kmain runs itself (kbd.h). */
 int power_action_known(const char *name);
 
 #endif

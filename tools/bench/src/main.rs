@@ -1,6 +1,8 @@
 //! `tern-bench`: measures how fast tern starts a guest and how much memory it
 //! uses outside guest RAM. See tools/bench/README.md.
 
+mod api;
+mod http;
 mod report;
 mod run;
 
@@ -12,7 +14,9 @@ use std::time::{Duration, Instant};
 use run::{read_rss, Rss, Vm};
 
 const USAGE: &str = "\
-usage: tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
+usage: tern-bench boot|api [options]   (tern-bench api --help for the api options)
+
+       tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
                        [--linux] [--baseline-tern PATH]
 
 Times tern booting the test unikernel (start -> first console line, start ->
@@ -62,12 +66,27 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
     let mut it = args.into_iter();
     match it.next().as_ref().and_then(|a| a.to_str()) {
         Some("boot") => {}
+        Some("api") => {
+            return match api::parse(it)? {
+                Some(o) => api::run(&o),
+                None => {
+                    print!("{}", api::USAGE);
+                    Ok(())
+                }
+            };
+        }
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return Ok(());
         }
-        Some(other) => return Err(format!("unknown command '{other}' (try: tern-bench boot)")),
-        None => return Err("missing command (try: tern-bench boot; --help for usage)".into()),
+        Some(other) => {
+            return Err(format!(
+                "unknown command '{other}' (try: tern-bench boot, tern-bench api)"
+            ))
+        }
+        None => {
+            return Err("missing command (try: tern-bench boot or api; --help for usage)".into())
+        }
     }
     let opts = match parse_boot(it)? {
         Some(o) => o,
@@ -247,6 +266,16 @@ impl Stats {
     }
     pub fn max(&self) -> f64 {
         self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+    /// The `p`th percentile, nearest-rank: the smallest sample with at
+    /// least p% of the samples at or below it.
+    pub fn percentile(&self, p: f64) -> f64 {
+        let s = self.sorted();
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+        s[rank.clamp(1, s.len()) - 1]
     }
 }
 

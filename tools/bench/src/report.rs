@@ -96,7 +96,31 @@ impl Machine {
         }
     }
 
-    fn json(&self) -> Value {
+    /// `Linux 6.x, kvm_pvm (software KVM), CPU (2 CPUs), commit abc (+ uncommitted changes)`.
+    pub fn summary(&self) -> String {
+        format!(
+            "Linux {}, {}, {} ({} CPUs), commit {}{}",
+            self.host_kernel,
+            if self.kvm_pvm {
+                "kvm_pvm (software KVM)"
+            } else {
+                "hardware KVM"
+            },
+            self.cpu_model,
+            self.cpus,
+            self.git_commit
+                .as_deref()
+                .map(|c| &c[..c.len().min(12)])
+                .unwrap_or("unknown"),
+            if self.git_dirty == Some(true) {
+                " (+ uncommitted changes)"
+            } else {
+                ""
+            }
+        )
+    }
+
+    pub fn json(&self) -> Value {
         json!({
             "host_kernel": self.host_kernel,
             "kvm_pvm": self.kvm_pvm,
@@ -185,27 +209,7 @@ impl Report {
         let mut s = String::new();
         let m = &self.machine;
         let _ = writeln!(s, "tern-bench boot");
-        let _ = writeln!(
-            s,
-            "host: Linux {}, {}, {} ({} CPUs), commit {}{}",
-            m.host_kernel,
-            if m.kvm_pvm {
-                "kvm_pvm (software KVM)"
-            } else {
-                "hardware KVM"
-            },
-            m.cpu_model,
-            m.cpus,
-            m.git_commit
-                .as_deref()
-                .map(|c| &c[..c.len().min(12)])
-                .unwrap_or("unknown"),
-            if m.git_dirty == Some(true) {
-                " (+ uncommitted changes)"
-            } else {
-                ""
-            }
-        );
+        let _ = writeln!(s, "host: {}", m.summary());
         let _ = writeln!(s, "tern: {}", self.ours.tern.display());
         let _ = writeln!(
             s,

@@ -105,5 +105,14 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Re
             "{what}: the request needs a JSON body"
         )));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))?;
+    // serde's derived structs also accept a JSON array of the fields in
+    // order; the API takes objects only.
+    if !value.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "{what}: the body must be a JSON object"
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
 }

@@ -1,10 +1,12 @@
-//! The API server: HTTP/1.1 (tiny_http) on a Unix socket. Each request is
-//! read on its own short-lived thread, parsed by the route table, and handed
-//! to the VMM thread through a channel plus an eventfd; the thread waits for
-//! the answer and writes it. A slow or vanished client only ever holds its
-//! own thread, never the VMM thread or the vCPUs.
+//! The API server: HTTP/1.1 (hyper) on a Unix socket, on a single-threaded
+//! tokio runtime in the API thread. Every connection is its own task, so
+//! any number of clients (keep-alive or not, fast or stalled) are served at
+//! once. Each request is parsed by the route table and handed to the VMM
+//! thread through a channel plus an eventfd; its task awaits the answer.
+//! A slow or vanished client only ever holds its own task, never the VMM
+//! thread or the vCPUs.
 
-use std::io::Read;
+use std::convert::Infallible;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -12,7 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use tiny_http::{Header, Response, Server};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{routes, ApiError, ApiRequest, ApiResponse};
@@ -37,9 +46,9 @@ pub enum ServerError {
         /// OS error.
         err: std::io::Error,
     },
-    /// tiny_http refused the listener.
+    /// The API thread or its runtime could not start.
     #[error("cannot start the API server: {0}")]
-    Http(String),
+    Start(std::io::Error),
     /// eventfd creation failed.
     #[error("cannot create the API eventfd: {0}")]
     EventFd(std::io::Error),
@@ -49,8 +58,8 @@ pub enum ServerError {
 pub struct Envelope {
     /// The request.
     pub request: ApiRequest,
-    /// Where the answer goes.
-    pub reply: Sender<Result<ApiResponse, ApiError>>,
+    /// Where the answer goes (sending never blocks the VMM thread).
+    pub reply: oneshot::Sender<Result<ApiResponse, ApiError>>,
 }
 
 /// The VMM thread's end: an eventfd to poll and the queue behind it.
@@ -148,20 +157,35 @@ impl Drop for ApiServer {
     }
 }
 
+/// What every connection task needs.
+struct Context {
+    tx: Sender<Envelope>,
+    notify: EventFd,
+    counters: Arc<ApiCounters>,
+}
+
 /// Starts serving `listener` (bound at `path`); returns the server handle
 /// and the VMM thread's inbox.
 pub fn start(listener: UnixListener, path: &Path) -> Result<(ApiServer, ApiInbox), ServerError> {
-    let server =
-        Server::from_listener(listener, None).map_err(|e| ServerError::Http(e.to_string()))?;
+    listener.set_nonblocking(true).map_err(ServerError::Start)?;
     let event = EventFd::new(libc::EFD_NONBLOCK).map_err(ServerError::EventFd)?;
     let notify = event.try_clone().map_err(ServerError::EventFd)?;
     let (tx, rx) = channel::<Envelope>();
     let counters = Arc::new(ApiCounters::default());
-    let c = counters.clone();
+    let ctx = Arc::new(Context {
+        tx,
+        notify,
+        counters: counters.clone(),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(ServerError::Start)?;
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serve(server, tx, notify, c))
-        .map_err(|e| ServerError::Http(e.to_string()))?;
+        .spawn(move || runtime.block_on(serve(listener, ctx)))
+        .map_err(ServerError::Start)?;
     Ok((
         ApiServer {
             path: path.to_owned(),
@@ -174,104 +198,122 @@ pub fn start(listener: UnixListener, path: &Path) -> Result<(ApiServer, ApiInbox
     ))
 }
 
-fn serve(server: Server, tx: Sender<Envelope>, notify: EventFd, counters: Arc<ApiCounters>) {
-    let notify = Arc::new(notify);
-    for request in server.incoming_requests() {
-        let tx = tx.clone();
-        let notify = notify.clone();
-        let counters = counters.clone();
-        // One thread per request: a client that sends its body slowly only
-        // delays itself.
-        let spawned = std::thread::Builder::new()
-            .name("api-request".into())
-            .spawn(move || handle(request, &tx, &notify, &counters));
-        if let Err(e) = spawned {
-            log::error!("API: cannot start a request thread: {e}");
+async fn serve(listener: UnixListener, ctx: Arc<Context>) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("API: cannot serve the socket: {e}");
+            return;
         }
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, keep serving.
+                log::warn!("API: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, ctx.clone()));
+            // half_close: a client may shut its write side once the request
+            // is sent and still expects the answer.
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .half_close(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                log::debug!("API: connection ended: {e}");
+            }
+        });
     }
 }
 
-fn handle(
-    mut request: tiny_http::Request,
-    tx: &Sender<Envelope>,
-    notify: &EventFd,
-    counters: &ApiCounters,
-) {
-    let method = request.method().as_str().to_string();
-    let url = request.url().to_string();
-    let answer = read_body(&mut request)
-        .and_then(|body| routes::parse(&method, &url, &body))
-        .and_then(|req| dispatch(req, tx, notify));
+async fn handle(
+    request: Request<Incoming>,
+    ctx: Arc<Context>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = request.method().as_str().to_owned();
+    let url = request.uri().path().to_owned();
+    let answer = match read_body(request).await {
+        Ok(body) => match routes::parse(&method, &url, &body) {
+            Ok(req) => dispatch(req, &ctx).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     let status = match &answer {
         Ok(ApiResponse::NoContent) => 204,
         Ok(ApiResponse::Json(_)) => 200,
         Err(e) => e.status,
     };
-    counters.count(status);
+    ctx.counters.count(status);
     log::debug!("API {method} {url} -> {status}");
-    let json = Header::from_bytes("Content-Type", "application/json").ok();
-    let result = match answer {
-        Ok(ApiResponse::NoContent) => request.respond(Response::empty(204)),
-        Ok(ApiResponse::Json(v)) => {
-            let mut r = Response::from_string(v.to_string()).with_status_code(200);
-            if let Some(h) = json {
-                r = r.with_header(h);
-            }
-            request.respond(r)
-        }
-        Err(e) => {
-            let mut r = Response::from_string(e.body()).with_status_code(e.status);
-            if let Some(h) = json {
-                r = r.with_header(h);
-            }
-            if let Some(allow) = e
-                .allow
-                .as_deref()
-                .and_then(|a| Header::from_bytes("Allow", a).ok())
-            {
-                r = r.with_header(allow);
-            }
-            request.respond(r)
-        }
-    };
-    if let Err(e) = result {
-        log::debug!("API: client went away before the answer to {method} {url}: {e}");
-    }
+    Ok(response(answer))
 }
 
-fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
+fn response(answer: Result<ApiResponse, ApiError>) -> Response<Full<Bytes>> {
+    let json = HeaderValue::from_static("application/json");
+    let (status, body, allow) = match answer {
+        Ok(ApiResponse::NoContent) => (StatusCode::NO_CONTENT, None, None),
+        Ok(ApiResponse::Json(v)) => (StatusCode::OK, Some(v.to_string()), None),
+        Err(e) => (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Some(e.body()),
+            e.allow.clone(),
+        ),
+    };
+    let mut r = Response::new(Full::new(body.clone().map(Bytes::from).unwrap_or_default()));
+    *r.status_mut() = status;
+    if body.is_some() {
+        r.headers_mut().insert(CONTENT_TYPE, json);
+    }
+    if let Some(v) = allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        r.headers_mut().insert(ALLOW, v);
+    }
+    r
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
     let too_large = || ApiError {
         status: 413,
         message: format!("request body too large (at most {MAX_BODY} bytes)"),
         allow: None,
     };
-    if request.body_length().is_some_and(|n| n > MAX_BODY) {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
-    if body.len() > MAX_BODY {
-        return Err(too_large());
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
     }
-    Ok(body)
 }
 
-fn dispatch(
-    request: ApiRequest,
-    tx: &Sender<Envelope>,
-    notify: &EventFd,
-) -> Result<ApiResponse, ApiError> {
-    let (reply, answer) = channel();
-    tx.send(Envelope { request, reply })
+async fn dispatch(request: ApiRequest, ctx: &Context) -> Result<ApiResponse, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    ctx.tx
+        .send(Envelope { request, reply })
         .map_err(|_| ApiError::internal("the VMM thread is gone"))?;
-    notify
+    ctx.notify
         .write(1)
         .map_err(|e| ApiError::internal(format!("cannot wake the VMM thread: {e}")))?;
     answer
-        .recv()
+        .await
         .unwrap_or_else(|_| Err(ApiError::internal("the VMM thread dropped the request")))
 }

@@ -7,9 +7,15 @@ use crate::api::{parse_body, ApiError};
 use crate::config::BootSource;
 
 fn readable(field: &str, path: &Path) -> Result<(), ApiError> {
-    File::open(path)
-        .map(|_| ())
-        .map_err(|e| ApiError::bad_request(format!("boot-source: {field} {}: {e}", path.display())))
+    let bad = |why: String| {
+        ApiError::bad_request(format!("boot-source: {field} {}: {why}", path.display()))
+    };
+    let file = File::open(path).map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    Ok(())
 }
 
 /// Parses the body of `PUT /boot-source`; the files must be readable now,
@@ -30,7 +36,13 @@ mod tests {
     #[test]
     fn checks_the_files() {
         let ok = parse(br#"{"kernel_image_path":"/proc/self/exe","boot_args":"x"}"#).unwrap();
+        assert!(parse(br#"["/proc/self/exe"]"#)
+            .unwrap_err()
+            .message
+            .contains("JSON object"));
         assert_eq!(ok.boot_args.as_deref(), Some("x"));
+        let e = parse(br#"{"kernel_image_path":"/"}"#).unwrap_err();
+        assert!(e.message.contains("not a regular file"), "{e}");
         let e = parse(br#"{"kernel_image_path":"/nonexistent"}"#).unwrap_err();
         assert!(e.message.contains("kernel_image_path /nonexistent"), "{e}");
         let e =
