@@ -11,7 +11,7 @@ use crate::kvm::cpuid::CpuTemplate;
 pub const USAGE: &str = "\
 usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
             [--serial stdout|file:PATH|none] [--cpu-template host|baseline|pvm]
-            [--config-file PATH] [--api-sock PATH] [--id ID]
+            [--drive SPEC]... [--config-file PATH] [--api-sock PATH] [--id ID]
        tern --api-sock PATH [--id ID]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
@@ -28,6 +28,10 @@ waits for configuration and InstanceStart there.
   --cpu-template NAME   host (default on hardware KVM), baseline, or pvm
                         (default on kvm_pvm hosts)
   --config-file PATH    JSON with machine-config, boot-source, serial sections
+  --drive SPEC          a virtio-blk disk (repeatable):
+                        path=FILE[,format=raw|qcow2][,ro=on][,id=ID][,queues=N]
+                        [,serial=S][,root=on][,cache=direct], or socket=PATH
+                        (an external vhost-user backend) instead of path=
   --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
   --id ID               the VM's id in the API (default tern-<pid>)
   --help, --version
@@ -92,6 +96,63 @@ where
     })
 }
 
+/// Parses a `--drive` value: comma-separated `key=value` pairs.
+fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, String> {
+    use crate::config::{DriveCache, DriveConfig, DriveFormat};
+    let mut d = DriveConfig {
+        drive_id: format!("drive{index}"),
+        path_on_host: None,
+        is_root_device: false,
+        is_read_only: false,
+        format: DriveFormat::Raw,
+        num_queues: None,
+        socket: None,
+        cache: DriveCache::Writeback,
+        serial: None,
+    };
+    let on = |k: &str, v: &str| match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{k}={v}: use on or off")),
+    };
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not key=value"))?;
+        match k {
+            "path" => d.path_on_host = Some(v.into()),
+            "socket" => d.socket = Some(v.into()),
+            "id" => d.drive_id = v.into(),
+            "format" => {
+                d.format = match v {
+                    "raw" => DriveFormat::Raw,
+                    "qcow2" => DriveFormat::Qcow2,
+                    _ => return Err(format!("format={v}: use raw or qcow2")),
+                }
+            }
+            "ro" | "readonly" => d.is_read_only = on(k, v)?,
+            "root" => d.is_root_device = on(k, v)?,
+            "queues" => {
+                d.num_queues = Some(
+                    v.parse()
+                        .map_err(|_| format!("queues={v} is not a number"))?,
+                )
+            }
+            "serial" => d.serial = Some(v.into()),
+            "cache" => {
+                d.cache = match v {
+                    "writeback" => DriveCache::Writeback,
+                    "direct" => DriveCache::Direct,
+                    _ => return Err(format!("cache={v}: use writeback or direct")),
+                }
+            }
+            _ => return Err(format!("unknown key `{k}`")),
+        }
+    }
+    d.validate().map_err(|e| e.to_string())?;
+    Ok(d)
+}
+
 /// Parses `args` (without the program name).
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
     let mut pairs: Vec<(String, String)> = Vec::new();
@@ -130,6 +191,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         match flag.as_str() {
             "--config-file" => {}
             "--api-sock" => api_sock = Some(value.into()),
+            "--drive" => {
+                let index = config.drives.len();
+                let drive = parse_drive(&value, index).map_err(|why| CliError::BadValue {
+                    flag: flag.clone(),
+                    value: value.clone(),
+                    why,
+                })?;
+                config.upsert_drive(drive);
+            }
             "--id" => id = Some(value),
             "--kernel" => kernel = Some(value.into()),
             "--initrd" => initrd = Some(value.into()),

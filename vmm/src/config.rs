@@ -99,6 +99,105 @@ pub struct BootSource {
     pub boot_args: Option<String>,
 }
 
+/// Image format of a drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveFormat {
+    /// A plain image.
+    #[default]
+    Raw,
+    /// qcow2 v3 (with an optional backing file).
+    Qcow2,
+}
+
+/// Host page cache use of a drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DriveCache {
+    /// Through the host page cache; the guest's flushes reach the disk.
+    #[default]
+    Writeback,
+    /// O_DIRECT: around the host page cache.
+    Direct,
+}
+
+/// `drives`: a virtio-blk disk served by a vhost-user backend: a managed
+/// tern-blk for `path_on_host`, or an external backend at `socket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Unique id (the `{id}` of `PUT /drives/{id}`).
+    pub drive_id: String,
+    /// Image file (tern starts tern-blk for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// The guest's root disk: it gets the first slot and, unless the command
+    /// line names a root already, `root=/dev/vda`.
+    #[serde(default)]
+    pub is_root_device: bool,
+    /// Read-only.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Image format.
+    #[serde(default)]
+    pub format: DriveFormat,
+    /// Queues (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// An external backend's vhost-user socket (instead of `path_on_host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// Host cache mode.
+    #[serde(default)]
+    pub cache: DriveCache,
+    /// Serial number the guest reads (GET_ID); default: the drive id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// Most queues a drive may have.
+pub const MAX_DRIVE_QUEUES: u16 = 64;
+
+impl DriveConfig {
+    /// Checks the drive on its own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why: String| {
+            Err(ConfigError::Invalid(format!(
+                "drive {}: {why}",
+                self.drive_id
+            )))
+        };
+        if self.drive_id.is_empty()
+            || self.drive_id.len() > 64
+            || !self
+                .drive_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return bad("drive_id must be 1-64 characters of [A-Za-z0-9_-]".into());
+        }
+        match (&self.path_on_host, &self.socket) {
+            (Some(_), Some(_)) => return bad("give either path_on_host or socket, not both".into()),
+            (None, None) => {
+                return bad(
+                    "needs path_on_host (managed backend) or socket (external backend)".into(),
+                )
+            }
+            _ => {}
+        }
+        if let Some(q) = self.num_queues {
+            if q == 0 || q > MAX_DRIVE_QUEUES {
+                return bad(format!(
+                    "num_queues {q} is out of range (1 to {MAX_DRIVE_QUEUES})"
+                ));
+            }
+        }
+        if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
+            return bad("serial is longer than 20 bytes".into());
+        }
+        Ok(())
+    }
+}
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase", tag = "mode", content = "path")]
@@ -145,6 +244,9 @@ pub struct VmConfig {
     /// Serial console output.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// Disks, in the order given (a root device goes first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveConfig>,
 }
 
 impl VmConfig {
@@ -163,12 +265,58 @@ impl VmConfig {
     /// Checks ranges and required parts before anything is created.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.machine_config.validate()?;
+        self.validate_drives()?;
         if self.boot_source.is_none() {
             return Err(ConfigError::Invalid(
                 "no kernel given (--kernel or boot-source)".into(),
             ));
         }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Checks every drive, unique ids, at most one root device, room on the bus.
+    pub fn validate_drives(&self) -> Result<(), ConfigError> {
+        let mut ids = std::collections::HashSet::new();
+        for d in &self.drives {
+            d.validate()?;
+            if !ids.insert(d.drive_id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "drive id {} is used twice",
+                    d.drive_id
+                )));
+            }
+        }
+        if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
+            return Err(ConfigError::Invalid(
+                "only one drive can be the root device".into(),
+            ));
+        }
+        let slots = usize::from(
+            crate::machine::layout::PCI_LAST_DEVICE_SLOT
+                - crate::machine::layout::PCI_FIRST_DEVICE_SLOT
+                + 1,
+        );
+        if self.drives.len() > slots {
+            return Err(ConfigError::Invalid(format!(
+                "{} drives do not fit in the {slots} PCI slots",
+                self.drives.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces the drive with this id.
+    pub fn upsert_drive(&mut self, drive: DriveConfig) {
+        match self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive.drive_id)
+        {
+            Some(d) => *d = drive,
+            None => self.drives.push(drive),
+        }
     }
 }
 

@@ -144,6 +144,13 @@ impl Controller {
                 self.pending.machine_config = merged;
             }
             ApiRequest::PutBootSource(b) => self.pending.boot_source = Some(b),
+            ApiRequest::PutDrive(d) => {
+                let mut next = self.pending.clone();
+                next.upsert_drive(d);
+                next.validate_drives()
+                    .map_err(|e| ApiError::bad_request(format!("drives: {e}")))?;
+                self.pending = next;
+            }
             ApiRequest::GetDevices => return json(Vec::<serde_json::Value>::new()),
             ApiRequest::Action(ActionType::InstanceStart) => {
                 if self.pending.boot_source.is_none() {

@@ -17,4 +17,5 @@ pub mod logger;
 pub mod machine;
 pub mod memory;
 pub mod terminal;
+pub mod vhost_user;
 pub mod vmm;

@@ -10,20 +10,29 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootSpec};
+use crate::config::{DriveCache, DriveConfig, DriveFormat};
 use crate::config::{HugePages, SerialOutput, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::serial::{forward_stdin, SerialOut};
+use crate::devices::virtio::pci::{PciEnv, VirtioPciDevice, BAR_SIZE};
 use crate::exit::ExitSender;
 use crate::kvm::cpuid::{self, CpuTemplate};
+use crate::kvm::irq::GsiRouter;
 use crate::kvm::pause::{self, PauseError, VcpuControl};
 use crate::kvm::regs;
 use crate::kvm::vcpu::{ExitCounters, Vcpu, VcpuShared};
 use crate::kvm::vm;
-use crate::machine::layout::MMIO64_SIZE;
+use crate::machine::layout::{
+    pci_intx_gsi, MMIO32_END, MMIO32_START, MMIO64_SIZE, PCI_FIRST_DEVICE_SLOT,
+};
 use crate::machine::q35::acpi::{self, AcpiConfig};
 use crate::machine::{self, layout::HIGH_RAM_START, DeviceInfo};
 use crate::memory;
 use crate::terminal::RawTerminal;
+use crate::vhost_user::backend_process::{backend_binary, BackendProcess};
+use crate::vhost_user::blk::VhostUserBlk;
+use std::sync::Mutex;
+use vm_allocator::{AddressAllocator, AllocPolicy};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +78,33 @@ pub enum VmmError {
     /// Pausing failed.
     #[error(transparent)]
     Pause(#[from] PauseError),
+    /// A managed backend did not start.
+    #[error("drive {drive}: {err}")]
+    Backend {
+        /// The drive.
+        drive: String,
+        /// What went wrong.
+        err: crate::vhost_user::backend_process::BackendError,
+    },
+    /// A vhost-user backend could not be set up.
+    #[error("drive {drive}: {err}")]
+    VhostUser {
+        /// The drive.
+        drive: String,
+        /// What went wrong.
+        err: crate::vhost_user::handle::VhostUserError,
+    },
+    /// A virtio-pci function could not be created.
+    #[error("drive {drive}: {err}")]
+    VirtioPci {
+        /// The drive.
+        drive: String,
+        /// What went wrong.
+        err: crate::devices::virtio::pci::VirtioPciError,
+    },
+    /// No room for a BAR.
+    #[error("no room for a PCI BAR in the MMIO window: {0:?}")]
+    Bar(vm_allocator::Error),
 }
 
 fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -116,10 +152,23 @@ fn cpu_template(config: &VmConfig) -> CpuTemplate {
     template
 }
 
+/// A virtio device of the VM, as `GET /devices` reports it.
+pub struct VirtioEntry {
+    /// The drive (or interface) id.
+    pub id: String,
+    /// Its PCI slot on bus 0.
+    pub slot: u8,
+    /// The function.
+    pub device: Arc<Mutex<VirtioPciDevice>>,
+    /// The managed backend's process ID, if tern started it.
+    pub backend_pid: Option<u32>,
+}
+
 /// A VM whose vCPUs are running (or paused).
 pub struct Vmm {
     config: VmConfig,
     machine: machine::Machine,
+    virtio: Vec<VirtioEntry>,
     vcpu_threads: Vec<JoinHandle<()>>,
     control: Arc<VcpuControl>,
     counters: Arc<ExitCounters>,
@@ -127,7 +176,7 @@ pub struct Vmm {
     boot_duration: Duration,
     // Dropped last: the vCPU threads and devices use the VM and its memory
     // until the process ends.
-    _vm: kvm_ioctls::VmFd,
+    _vm: Arc<kvm_ioctls::VmFd>,
     _ram: memory::GuestRam,
     _raw_terminal: Option<RawTerminal>,
 }
@@ -144,7 +193,7 @@ impl Vmm {
         let mc = &config.machine_config;
 
         let kvm = vm::open_kvm()?;
-        let vm_fd = vm::create_vm(&kvm, mc.vcpu_count)?;
+        let vm_fd = Arc::new(vm::create_vm(&kvm, mc.vcpu_count)?);
         let ram = memory::create_guest_ram(mc.mem_size_mib, mc.huge_pages == HugePages::Huge2M)?;
         // Registering a memory slot waits for an SRCU grace period in the
         // host kernel (milliseconds, whatever the size); nothing else needs
@@ -161,7 +210,7 @@ impl Vmm {
             (registered, built)
         });
         registered?;
-        let (machine, vcpus, control, counters) = built?;
+        let (machine, virtio, vcpus, control, counters) = built?;
 
         pause::install_kick_handler().map_err(VmmError::Signal)?;
         let raw_terminal = match config.serial {
@@ -181,6 +230,7 @@ impl Vmm {
         Ok(Self {
             config,
             machine,
+            virtio,
             vcpu_threads,
             control,
             counters,
@@ -223,9 +273,27 @@ impl Vmm {
         lock(&self.machine.i8042).send_ctrl_alt_del();
     }
 
-    /// Every device of the machine.
-    pub fn devices(&self) -> &[DeviceInfo] {
-        &self.machine.devices
+    /// Every device of the machine, virtio devices with their live state.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let mut all = self.machine.devices.clone();
+        for v in &self.virtio {
+            let dev = lock(&v.device);
+            all.push(DeviceInfo {
+                id: v.id.clone(),
+                kind: match dev.device_type() {
+                    1 => "virtio-net",
+                    8 => "virtio-scsi",
+                    _ => "virtio-blk",
+                },
+                pci_address: Some(format!("0000:00:{:02x}.0", v.slot)),
+                io_port: None,
+                mmio_address: None,
+                state: dev.state(),
+                backend: dev.backend(),
+                backend_pid: v.backend_pid,
+            });
+        }
+        all
     }
 
     /// Time from `boot` being called to the vCPUs running.
@@ -253,15 +321,127 @@ impl Vmm {
 
 type Built = (
     machine::Machine,
+    Vec<VirtioEntry>,
     Vec<Vcpu>,
     Arc<VcpuControl>,
     Arc<ExitCounters>,
 );
 
+/// The drives, root device first.
+fn ordered_drives(config: &VmConfig) -> Vec<&DriveConfig> {
+    let mut v: Vec<&DriveConfig> = config.drives.iter().collect();
+    v.sort_by_key(|d| !d.is_root_device);
+    v
+}
+
+/// The kernel command line, with `root=/dev/vda` for a root drive unless
+/// the user named a root already (as Firecracker does).
+fn effective_cmdline(config: &VmConfig) -> String {
+    let base = config
+        .boot_source
+        .as_ref()
+        .and_then(|b| b.boot_args.clone())
+        .unwrap_or_default();
+    match config.drives.iter().find(|d| d.is_root_device) {
+        Some(d) if !base.split_whitespace().any(|w| w.starts_with("root=")) => format!(
+            "{base} root=/dev/vda {}",
+            if d.is_read_only { "ro" } else { "rw" }
+        )
+        .trim()
+        .to_string(),
+        _ => base,
+    }
+}
+
+/// Starts (or connects to) each drive's backend and puts a virtio-blk
+/// function for it on the PCI bus.
+fn build_drives(
+    config: &VmConfig,
+    env: &PciEnv,
+    machine: &machine::Machine,
+) -> Result<Vec<VirtioEntry>, VmmError> {
+    let mut bars =
+        AddressAllocator::new(MMIO32_START, MMIO32_END - MMIO32_START).map_err(VmmError::Bar)?;
+    let mut entries = Vec::new();
+    for (i, d) in ordered_drives(config).into_iter().enumerate() {
+        let slot = PCI_FIRST_DEVICE_SLOT + i as u8;
+        let queues = usize::from(d.num_queues.unwrap_or(1));
+        let (socket, process) = match (&d.socket, &d.path_on_host) {
+            (Some(s), _) => (s.clone(), None),
+            (None, Some(path)) => {
+                let mut args = vec![
+                    "--image".to_string(),
+                    path.display().to_string(),
+                    "--format".into(),
+                    match d.format {
+                        DriveFormat::Raw => "raw".into(),
+                        DriveFormat::Qcow2 => "qcow2".into(),
+                    },
+                    "--queues".into(),
+                    queues.to_string(),
+                    "--serial".into(),
+                    d.serial.clone().unwrap_or_else(|| d.drive_id.clone()),
+                ];
+                if d.is_read_only {
+                    args.push("--readonly".into());
+                }
+                if d.cache == DriveCache::Direct {
+                    args.push("--direct".into());
+                }
+                let p = BackendProcess::start(&backend_binary("tern-blk"), &d.drive_id, &args)
+                    .map_err(|err| VmmError::Backend {
+                        drive: d.drive_id.clone(),
+                        err,
+                    })?;
+                (p.socket().to_owned(), Some(p))
+            }
+            (None, None) => {
+                return Err(crate::config::ConfigError::Invalid(format!(
+                    "drive {} has no backend",
+                    d.drive_id
+                ))
+                .into())
+            }
+        };
+        let backend_pid = process.as_ref().map(BackendProcess::pid);
+        let blk = VhostUserBlk::new(&socket, queues, &env.mem, process).map_err(|err| {
+            VmmError::VhostUser {
+                drive: d.drive_id.clone(),
+                err,
+            }
+        })?;
+        log::info!(
+            "drive {}: {} sectors at 00:{slot:02x}.0 via {}",
+            d.drive_id,
+            blk.capacity(),
+            socket.display()
+        );
+        let bar = bars
+            .allocate(BAR_SIZE, BAR_SIZE, AllocPolicy::FirstMatch)
+            .map_err(VmmError::Bar)?
+            .start();
+        let device = VirtioPciDevice::new(Box::new(blk), bar, pci_intx_gsi(slot, 0), env.clone())
+            .map_err(|err| VmmError::VirtioPci {
+            drive: d.drive_id.clone(),
+            err,
+        })?;
+        lock(&machine.pci)
+            .add(slot, 0, device.clone())
+            .map_err(|e| VmmError::Machine(machine::MachineError::Pci(e)))?;
+        entries.push(VirtioEntry {
+            id: d.drive_id.clone(),
+            slot,
+            device,
+            backend_pid,
+        });
+    }
+    Ok(entries)
+}
+
 /// Everything but the memory slots: devices, ACPI, kernel, vCPUs.
 fn build_rest(
     kvm: &kvm_ioctls::Kvm,
-    vm_fd: &kvm_ioctls::VmFd,
+    vm_fd: &Arc<kvm_ioctls::VmFd>,
     config: &VmConfig,
     ram: &memory::GuestRam,
     template: CpuTemplate,
@@ -273,6 +453,13 @@ fn build_rest(
     };
     let serial_out = SerialOut::new(serial_sink(&config.serial)?);
     let machine = machine::build(vm_fd, exit, serial_out)?;
+    let env = PciEnv {
+        vm: vm_fd.clone(),
+        mmio: machine.mmio.clone(),
+        router: Arc::new(GsiRouter::new(vm_fd.clone())),
+        mem: ram.memory.clone(),
+    };
+    let virtio = build_drives(config, &env, &machine)?;
 
     let rsdp = acpi::create_acpi_tables(
         &ram.memory,
@@ -281,10 +468,11 @@ fn build_rest(
             mmio64: mmio64_window(ram.size),
         },
     )?;
+    let cmdline = effective_cmdline(config);
     let spec = BootSpec {
         kernel: &boot_source.kernel_image_path,
         initrd: boot_source.initrd_path.as_deref(),
-        cmdline: boot_source.boot_args.as_deref().unwrap_or(""),
+        cmdline: &cmdline,
         ram_size: ram.size,
         rsdp,
     };
@@ -314,7 +502,7 @@ fn build_rest(
     if let Some(bsp) = vcpus.first() {
         regs::setup_boot_vcpu(bsp.fd(), &ram.memory, entry)?;
     }
-    Ok((machine, vcpus, control, counters))
+    Ok((machine, virtio, vcpus, control, counters))
 }
 
 #[cfg(test)]

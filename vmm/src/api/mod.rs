@@ -9,7 +9,7 @@ pub mod request;
 pub mod routes;
 pub mod server;
 
-use crate::config::{BootSource, MachineConfig};
+use crate::config::{BootSource, DriveConfig, MachineConfig};
 use request::actions::ActionType;
 use request::logger::LoggerConfig;
 use request::machine_config::MachineConfigUpdate;
@@ -28,6 +28,8 @@ pub enum ApiRequest {
     PatchMachineConfig(MachineConfigUpdate),
     /// `PUT /boot-source`
     PutBootSource(BootSource),
+    /// `PUT /drives/{id}`
+    PutDrive(DriveConfig),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`

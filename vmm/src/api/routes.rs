@@ -2,7 +2,7 @@
 //! lists every pair the server answers; a test checks it against
 //! `api-spec/tern.yaml`.
 
-use super::request::{actions, boot_source, logger, machine_config, vm};
+use super::request::{actions, boot_source, drives, logger, machine_config, vm};
 use super::{ApiError, ApiRequest};
 
 /// Every (method, path) the server routes.
@@ -12,6 +12,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/machine-config"),
     ("PATCH", "/machine-config"),
     ("PUT", "/boot-source"),
+    ("PUT", "/drives/{drive_id}"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
@@ -48,15 +49,33 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiErro
         ("GET", "/devices") => ApiRequest::GetDevices,
         ("PUT", "/logger") => ApiRequest::PutLogger(logger::parse(body)?),
         ("GET", "/metrics") => ApiRequest::GetMetrics,
+        ("PUT", p) if param(p, "/drives/").is_some() => {
+            let id = param(p, "/drives/").unwrap_or_default();
+            ApiRequest::PutDrive(drives::parse(id, body)?)
+        }
         _ => return Err(unrouted(method, path)),
     })
+}
+
+/// The one path parameter after `prefix` (`/drives/d0` -> `d0`).
+fn param<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    path.strip_prefix(prefix)
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// Whether `path` is an instance of the route `template`.
+fn matches(template: &str, path: &str) -> bool {
+    match template.split_once('{') {
+        Some((prefix, _)) => param(path, prefix).is_some(),
+        None => template == path,
+    }
 }
 
 /// 405 with the allowed methods when the path exists, else 404.
 fn unrouted(method: &str, path: &str) -> ApiError {
     let allowed: Vec<&str> = ROUTES
         .iter()
-        .filter(|(_, p)| *p == path)
+        .filter(|(_, p)| matches(p, path))
         .map(|(m, _)| *m)
         .collect();
     if allowed.is_empty() {
@@ -83,6 +102,7 @@ mod tests {
             ("PUT", "/actions") => br#"{"action_type":"InstanceStart"}"#,
             ("PATCH", "/vm") => br#"{"state":"Paused"}"#,
             ("PUT", "/logger") => br#"{"level":"Info"}"#,
+            ("PUT", "/drives/{drive_id}") => br#"{"socket":"/s"}"#,
             _ => b"",
         }
     }
@@ -90,7 +110,8 @@ mod tests {
     #[test]
     fn every_listed_route_is_routed() {
         for (m, p) in ROUTES {
-            assert!(parse(m, p, sample_body(m, p)).is_ok(), "{m} {p}");
+            let concrete = p.replace("{drive_id}", "d0");
+            assert!(parse(m, &concrete, sample_body(m, p)).is_ok(), "{m} {p}");
         }
     }
 

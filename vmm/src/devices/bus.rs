@@ -4,7 +4,7 @@
 //! behind a `Mutex` because several vCPUs may touch the same device.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable through a bus.
 pub trait BusDevice: Send {
@@ -40,9 +40,12 @@ struct Entry {
 }
 
 /// A set of non-overlapping address ranges, each served by one device.
-#[derive(Clone, Default)]
+/// Ranges can change while vCPUs run (a guest moving a PCI BAR): lookups
+/// take a read lock only long enough to clone the device's handle, so a
+/// device may remap ranges from inside its own handler.
+#[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl Bus {
@@ -52,25 +55,36 @@ impl Bus {
     }
 
     /// Maps `[base, base + len)` to `device`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
         let end = base
             .checked_add(len)
             .ok_or(BusError::Overlap { base, len })?;
-        if let Some((b, e)) = self.ranges.range(..end).next_back() {
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((b, e)) = ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(BusError::Overlap { base, len });
             }
         }
-        self.ranges.insert(base, Entry { len, device });
+        ranges.insert(base, Entry { len, device });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
-        let (base, entry) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < entry.len).then_some((addr - base, &entry.device))
+    /// Unmaps the range starting at `base`; returns whether one was there.
+    pub fn remove(&self, base: u64) -> bool {
+        self.ranges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&base)
+            .is_some()
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, SharedDevice)> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let (base, entry) = ranges.range(..=addr).next_back()?;
+        (addr - base < entry.len).then(|| (addr - base, entry.device.clone()))
     }
 
     /// Reads from the device at `addr`; returns false (and fills `data` with
@@ -78,7 +92,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => {
@@ -92,7 +106,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -122,7 +136,7 @@ mod tests {
 
     #[test]
     fn routes_and_rejects_overlap() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo(1))), 0x10, 8).unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(2))), 0x17, 2).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(2))), 0x8, 9).is_err());
@@ -135,5 +149,7 @@ mod tests {
         assert!(bus.write(0x18, &[9]));
         assert!(bus.read(0x19, &mut b));
         assert_eq!(b[0], 10);
+        assert!(bus.remove(0x18));
+        assert!(!bus.read(0x19, &mut b));
     }
 }

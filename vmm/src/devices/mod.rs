@@ -9,3 +9,4 @@ pub mod reset_control;
 pub mod rtc;
 pub mod serial;
 pub mod sink;
+pub mod virtio;

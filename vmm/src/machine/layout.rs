@@ -127,3 +127,20 @@ pub const ACPI_S5_SLP_TYP: u8 = 5;
 
 /// Number of IOAPIC pins (KVM's in-kernel IOAPIC has 24).
 pub const IOAPIC_PINS: u32 = 24;
+
+/// First IOAPIC pin for PCI INTx (pins 16-23, as on q35).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// Number of IOAPIC pins PCI INTx is spread over.
+pub const PCI_INTX_GSIS: u32 = 8;
+
+/// The GSI of INTx `pin` (0 = INTA) of the device in `slot` on bus 0: the
+/// usual rotation, so that neighbouring slots do not share a line. The
+/// DSDT's `_PRT` says the same.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (u32::from(slot) + u32::from(pin)) % PCI_INTX_GSIS
+}
+
+/// First PCI slot for devices (0 is the host bridge).
+pub const PCI_FIRST_DEVICE_SLOT: u8 = 1;
+/// Last PCI slot for devices (31 is the LPC bridge).
+pub const PCI_LAST_DEVICE_SLOT: u8 = 30;

@@ -62,8 +62,14 @@ pub struct DeviceInfo {
     /// MMIO base, for memory-mapped devices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mmio_address: Option<String>,
-    /// `attached` (later issues add plugging, unplugging, disconnected).
+    /// `attached`, or `disconnected` when its backend went away.
     pub state: &'static str,
+    /// The vhost-user socket of the backend serving it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// The managed backend's process ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_pid: Option<u32>,
 }
 
 impl DeviceInfo {
@@ -75,6 +81,8 @@ impl DeviceInfo {
             io_port: Some(format!("{port:#x}")),
             mmio_address: None,
             state: "attached",
+            backend: None,
+            backend_pid: None,
         }
     }
 
@@ -86,6 +94,8 @@ impl DeviceInfo {
             io_port: None,
             mmio_address: None,
             state: "attached",
+            backend: None,
+            backend_pid: None,
         }
     }
 }
@@ -116,8 +126,8 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFd, MachineError> {
 
 /// Builds the chipset and legacy devices and maps them on the buses.
 pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Machine, MachineError> {
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
+    let pio = Bus::new();
+    let mmio = Bus::new();
 
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         irq_line(vm, COM1_IRQ)?,
@@ -170,6 +180,8 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         io_port: None,
         mmio_address: Some(format!("{ECAM_START:#x}")),
         state: "attached",
+        backend: None,
+        backend_pid: None,
     };
     let devices = vec![
         DeviceInfo::pci("host-bridge", "pci-host-bridge", hb.0, hb.1),

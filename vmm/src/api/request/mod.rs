@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod boot_source;
+pub mod drives;
 pub mod logger;
 pub mod machine_config;
 pub mod vm;

@@ -76,6 +76,15 @@ impl ConfigSpace {
         self.set(offset, &v.to_le_bytes());
     }
 
+    /// Reads bytes as the device sees them.
+    pub fn peek(&self, offset: u16, data: &mut [u8]) {
+        let at = usize::from(offset);
+        match self.bytes.get(at..at + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0xff),
+        }
+    }
+
     /// Marks bits at `offset` as guest-writable.
     pub fn set_writable(&mut self, offset: u16, mask: &[u8]) {
         let at = usize::from(offset);

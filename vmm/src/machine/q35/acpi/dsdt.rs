@@ -23,9 +23,9 @@ use acpi_tables::{Aml, AmlSink};
 
 use super::{to_bytes, AcpiConfig, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 use crate::machine::layout::{
-    ACPI_PM_BASE, ACPI_PM_SIZE, ACPI_S5_SLP_TYP, COM1_IRQ, COM1_PORT, ECAM_LAST_BUS, ECAM_SIZE,
-    ECAM_START, I8042_CMD_PORT, I8042_DATA_PORT, I8042_IRQ, MMIO32_END, MMIO32_START,
-    PCI_CONFIG_ADDRESS_PORT, RTC_IRQ, RTC_PORT,
+    pci_intx_gsi, ACPI_PM_BASE, ACPI_PM_SIZE, ACPI_S5_SLP_TYP, COM1_IRQ, COM1_PORT, ECAM_LAST_BUS,
+    ECAM_SIZE, ECAM_START, I8042_CMD_PORT, I8042_DATA_PORT, I8042_IRQ, MMIO32_END, MMIO32_START,
+    PCI_CONFIG_ADDRESS_PORT, PCI_FIRST_DEVICE_SLOT, PCI_LAST_DEVICE_SLOT, RTC_IRQ, RTC_PORT,
 };
 use crate::machine::q35::chipset::LPC_DEVFN;
 
@@ -156,12 +156,37 @@ fn pci0(cfg: &AcpiConfig) -> RawAml {
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
 
     let lpc = lpc();
+    let prt = prt();
 
-    // Place for the PCI interrupt routing table: a later change adds
-    // `Name (_PRT, Package { ... })` mapping each slot's INTA-INTD to GSIs,
-    // as one more child here.
-    let children: Vec<&dyn Aml> = vec![&hid, &cid, &seg, &bbn, &uid, &crs, &lpc];
+    let children: Vec<&dyn Aml> = vec![&hid, &cid, &seg, &bbn, &uid, &crs, &prt, &lpc];
     RawAml(to_bytes(&Device::new("PCI0".into(), children)))
+}
+
+/// `_PRT`: INTA-INTD of every device slot to IOAPIC GSIs
+/// (`layout::pci_intx_gsi`), for drivers that use INTx rather than MSI-X.
+fn prt() -> RawAml {
+    struct Entry {
+        adr: u32,
+        pin: u8,
+        gsi: u32,
+    }
+    impl Aml for Entry {
+        fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+            // Package { slot address, pin, source (0: a GSI), GSI }
+            Package::new(vec![&self.adr, &self.pin, &0u8, &self.gsi]).to_aml_bytes(sink);
+        }
+    }
+    let entries: Vec<Entry> = (PCI_FIRST_DEVICE_SLOT..=PCI_LAST_DEVICE_SLOT)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| Entry {
+                adr: (u32::from(slot) << 16) | 0xffff,
+                pin,
+                gsi: pci_intx_gsi(slot, pin),
+            })
+        })
+        .collect();
+    let refs: Vec<&dyn Aml> = entries.iter().map(|e| e as &dyn Aml).collect();
+    RawAml(to_bytes(&Name::new("_PRT".into(), &Package::new(refs))))
 }
 
 /// Motherboard resources. Linux trusts the MCFG's ECAM window only if it is

@@ -1,0 +1,188 @@
+//! Managed backends: tern starts the backend process itself (tern-blk for
+//! a disk given by path), with its socket in a private runtime directory,
+//! logs what it prints, waits for its socket, and stops it with the VM.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a backend may take to open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The runtime directory cannot be made.
+    #[error("cannot create runtime directory {path}: {err}")]
+    RuntimeDir {
+        /// The directory.
+        path: PathBuf,
+        /// OS error.
+        err: std::io::Error,
+    },
+    /// The binary cannot be started.
+    #[error("cannot start {bin}: {err}")]
+    Spawn {
+        /// The binary.
+        bin: String,
+        /// OS error.
+        err: std::io::Error,
+    },
+    /// It exited before opening its socket.
+    #[error("{bin} exited with {status} before opening its socket")]
+    Exited {
+        /// The binary.
+        bin: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+    /// It did not open its socket in time.
+    #[error("{bin} did not open {socket} within {timeout:?}")]
+    Timeout {
+        /// The binary.
+        bin: String,
+        /// The socket.
+        socket: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// This tern's private directory for backend sockets.
+pub fn runtime_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    base.join(format!("tern-{}", std::process::id()))
+}
+
+/// Removes the runtime directory (at exit).
+pub fn cleanup_runtime_dir() {
+    let _ = std::fs::remove_dir_all(runtime_dir());
+}
+
+/// The backend binary `name`: `$TERN_<NAME>_BIN`, else next to tern's own
+/// executable, else found on PATH.
+pub fn backend_binary(name: &str) -> PathBuf {
+    let var = format!(
+        "TERN_{}_BIN",
+        name.trim_start_matches("tern-").to_ascii_uppercase()
+    );
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name(name);
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// A running backend; killed when dropped.
+pub struct BackendProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts `bin` with `args` and `--socket <runtime dir>/<id>.sock`, and
+    /// waits until the socket accepts connections.
+    pub fn start(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
+        let dir = runtime_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|err| BackendError::RuntimeDir {
+                path: dir.clone(),
+                err,
+            })?;
+        let socket = dir.join(format!("{id}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let name = bin.display().to_string();
+        let mut child = Command::new(bin)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|err| BackendError::Spawn {
+                bin: name.clone(),
+                err,
+            })?;
+        // Its output goes to tern's log, line by line, tagged with the drive.
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tag = format!(
+                "{}[{id}]",
+                bin.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            );
+            let _ = std::thread::Builder::new()
+                .name("backend-log".into())
+                .spawn(move || {
+                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                        log::info!("{tag}: {line}");
+                    }
+                });
+        }
+        let start = Instant::now();
+        loop {
+            // Wait for the socket file, not a connection: a backend serves
+            // one frontend and a probe connection would be taken for it.
+            if socket.exists() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::Exited { bin: name, status });
+            }
+            if start.elapsed() > START_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(BackendError::Timeout {
+                    bin: name,
+                    socket,
+                    timeout: START_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(Self { child, socket })
+    }
+
+    /// The socket it serves.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

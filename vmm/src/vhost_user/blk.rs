@@ -1,0 +1,150 @@
+//! A virtio-blk device whose queues a vhost-user backend (tern-blk, or any
+//! vhost-user-blk backend) serves. tern only relays configuration: the
+//! capacity, queue count and features come from the backend.
+
+use vm_memory::GuestMemoryMmap;
+
+use super::backend_process::BackendProcess;
+use super::handle::{VhostUserError, VhostUserHandle, VringSetup};
+use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// virtio device type of a block device.
+pub const VIRTIO_ID_BLOCK: u16 = 2;
+/// Size of `struct virtio_blk_config`.
+const CONFIG_LEN: u32 =
+    std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_config>() as u32;
+/// Largest queue tern offers.
+const QUEUE_MAX: u16 = 256;
+/// Features tern's transport can carry: the device's own (bits 0-31, which
+/// include indirect descriptors and event index) and VERSION_1. Packed
+/// rings, notification data, queue reset and the platform IOMMU are not
+/// offered.
+const TRANSPORT_FEATURES: u64 = 0xffff_ffff | VIRTIO_F_VERSION_1;
+
+/// The device.
+pub struct VhostUserBlk {
+    handle: VhostUserHandle,
+    config: Vec<u8>,
+    features: u64,
+    /// The managed backend process, if tern started it; ends with the device.
+    _process: Option<BackendProcess>,
+}
+
+impl VhostUserBlk {
+    /// Connects to the backend at `socket`, reads its config and shares
+    /// guest memory with it.
+    pub fn new(
+        socket: &std::path::Path,
+        max_queues: usize,
+        mem: &GuestMemoryMmap,
+        process: Option<BackendProcess>,
+    ) -> Result<Self, VhostUserError> {
+        let mut handle = VhostUserHandle::connect(socket, max_queues)?;
+        let config = handle.get_config(CONFIG_LEN)?;
+        handle.set_mem_table(mem)?;
+        if handle.features() & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VhostUserError::Missing("VIRTIO_F_VERSION_1"));
+        }
+        let features = handle.features() & TRANSPORT_FEATURES;
+        Ok(Self {
+            handle,
+            config,
+            features,
+            _process: process,
+        })
+    }
+
+    /// Capacity in 512-byte sectors, from the backend's config.
+    pub fn capacity(&self) -> u64 {
+        self.config
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    }
+}
+
+impl VirtioDevice for VhostUserBlk {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn num_queues(&self) -> usize {
+        self.handle.queue_num()
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_MAX
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let start = offset as usize;
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio-blk's only writable field is writeback (with CONFIG_WCE).
+        if let Err(e) = self.handle.set_config(offset as u32, data) {
+            log::warn!("vhost-user-blk {}: {e}", self.handle.socket().display());
+            return;
+        }
+        let start = offset as usize;
+        if let Some(dst) = self.config.get_mut(start..) {
+            let n = dst.len().min(data.len());
+            dst[..n].copy_from_slice(&data[..n]);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        features: u64,
+        queues: &[ActiveQueue],
+    ) -> Result<(), ActivateError> {
+        let vrings: Vec<VringSetup> = queues
+            .iter()
+            .map(|q| VringSetup {
+                index: q.index,
+                size: q.size,
+                max_size: q.max_size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: q.kick,
+                call: q.call,
+            })
+            .collect();
+        self.handle
+            .start(mem, features, &vrings)
+            .map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        if let Err(e) = self.handle.stop() {
+            log::warn!(
+                "vhost-user-blk {}: stopping the rings: {e}",
+                self.handle.socket().display()
+            );
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.handle.is_gone() {
+            "disconnected"
+        } else {
+            "attached"
+        }
+    }
+
+    fn backend(&self) -> Option<String> {
+        Some(self.handle.socket().display().to_string())
+    }
+}

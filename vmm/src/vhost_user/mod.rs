@@ -1,0 +1,6 @@
+//! The vhost-user frontend: tern's side of the devices whose queues a
+//! separate backend process serves.
+
+pub mod backend_process;
+pub mod blk;
+pub mod handle;
