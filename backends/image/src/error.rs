@@ -30,7 +30,9 @@ pub enum ImageError {
     #[error("image is opened read-only")]
     ReadOnly,
     /// The request does not fit inside the image.
-    #[error("request at offset {offset:#x} of {len} bytes is past the end of the image ({size} bytes)")]
+    #[error(
+        "request at offset {offset:#x} of {len} bytes is past the end of the image ({size} bytes)"
+    )]
     OutOfRange {
         /// Start of the request.
         offset: u64,

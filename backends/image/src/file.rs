@@ -22,7 +22,10 @@ pub(crate) fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<Fi
                 path.display()
             ))
         } else {
-            ImageError::Open { path: path.to_path_buf(), err }
+            ImageError::Open {
+                path: path.to_path_buf(),
+                err,
+            }
         }
     })
 }
@@ -30,12 +33,20 @@ pub(crate) fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<Fi
 /// Length of a file or block device.
 pub(crate) fn file_len(f: &File) -> Result<u64, ImageError> {
     let mut f = f;
-    f.seek(SeekFrom::End(0)).map_err(|err| ImageError::Io { op: "seek to end", offset: 0, err })
+    f.seek(SeekFrom::End(0)).map_err(|err| ImageError::Io {
+        op: "seek to end",
+        offset: 0,
+        err,
+    })
 }
 
 /// Reads exactly `buf.len()` bytes; a short file is an `UnexpectedEof` Io error.
 pub(crate) fn read_exact(f: &File, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
-    f.read_exact_at(buf, offset).map_err(|err| ImageError::Io { op: "read", offset, err })
+    f.read_exact_at(buf, offset).map_err(|err| ImageError::Io {
+        op: "read",
+        offset,
+        err,
+    })
 }
 
 /// Reads as much as the file has (up to `buf.len()`); returns the count read.
@@ -46,7 +57,13 @@ pub(crate) fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> Result<usize,
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(ImageError::Io { op: "read", offset: offset + done as u64, err }),
+            Err(err) => {
+                return Err(ImageError::Io {
+                    op: "read",
+                    offset: offset + done as u64,
+                    err,
+                })
+            }
         }
     }
     Ok(done)
@@ -61,17 +78,26 @@ pub(crate) fn read_or_zero(f: &File, buf: &mut [u8], offset: u64) -> Result<(), 
 
 /// Writes all of `buf` at `offset`.
 pub(crate) fn write_all(f: &File, buf: &[u8], offset: u64) -> Result<(), ImageError> {
-    f.write_all_at(buf, offset).map_err(|err| ImageError::Io { op: "write", offset, err })
+    f.write_all_at(buf, offset).map_err(|err| ImageError::Io {
+        op: "write",
+        offset,
+        err,
+    })
 }
 
 /// fdatasync.
 pub(crate) fn sync_data(f: &File) -> Result<(), ImageError> {
-    f.sync_data().map_err(|err| ImageError::Io { op: "fdatasync", offset: 0, err })
+    f.sync_data().map_err(|err| ImageError::Io {
+        op: "fdatasync",
+        offset: 0,
+        err,
+    })
 }
 
 /// fallocate(2) with `mode`; returns the raw io::Error so callers can fall back.
 pub(crate) fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
         // SAFETY: fallocate only takes an fd we own (kept open by `f`) and plain integers;
@@ -89,7 +115,10 @@ pub(crate) fn fallocate(f: &File, mode: libc::c_int, offset: u64, len: u64) -> i
 
 /// True when an fallocate error means "not supported here" (so write zeros instead).
 pub(crate) fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
+    )
 }
 
 /// Writes zeros over `[offset, offset + len)` through `f` (a buffered descriptor).

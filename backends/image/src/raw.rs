@@ -24,10 +24,18 @@ impl RawImage {
         let aux = if direct {
             file::open_file(path, read_only, false)?
         } else {
-            file.try_clone().map_err(|err| ImageError::Open { path: path.to_path_buf(), err })?
+            file.try_clone().map_err(|err| ImageError::Open {
+                path: path.to_path_buf(),
+                err,
+            })?
         };
         let size = file::file_len(&file)?;
-        Ok(RawImage { file, aux, size, read_only })
+        Ok(RawImage {
+            file,
+            aux,
+            size,
+            read_only,
+        })
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<(), ImageError> {
@@ -38,7 +46,13 @@ impl RawImage {
     }
 
     /// fallocate with `mode`, falling back to writing zeros where unsupported.
-    fn zero_with(&self, mode: libc::c_int, op: &'static str, offset: u64, len: u64) -> Result<(), ImageError> {
+    fn zero_with(
+        &self,
+        mode: libc::c_int,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ImageError> {
         if len == 0 {
             return Ok(());
         }
@@ -72,7 +86,12 @@ impl DiskImage for RawImage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.check_write(offset, len)?;
-        self.zero_with(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, "punch hole", offset, len)
+        self.zero_with(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            "punch hole",
+            offset,
+            len,
+        )
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), ImageError> {
@@ -80,7 +99,12 @@ impl DiskImage for RawImage {
             return self.discard(offset, len);
         }
         self.check_write(offset, len)?;
-        self.zero_with(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, "zero range", offset, len)
+        self.zero_with(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            "zero range",
+            offset,
+            len,
+        )
     }
 
     fn is_read_only(&self) -> bool {

@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use tern_image::{create_qcow2, open, DiskImage, Format, ImageError};
+use tern_image::{create_qcow2, open, Format, ImageError};
 
 fn patch(p: &Path, off: usize, bytes: &[u8]) {
     let mut b = std::fs::read(p).unwrap();
@@ -52,7 +52,14 @@ fn bad_magic() {
 #[test]
 fn incompatible_feature_bits() {
     let dir = TempDir::new("incompat");
-    for (bit, words) in [(0, "dirty"), (1, "corrupt"), (2, "external data"), (3, "compression type"), (4, "extended L2"), (9, "unknown")] {
+    for (bit, words) in [
+        (0, "dirty"),
+        (1, "corrupt"),
+        (2, "external data"),
+        (3, "compression type"),
+        (4, "extended L2"),
+        (9, "unknown"),
+    ] {
         let p = fresh(&dir, &format!("bit{bit}.qcow2"));
         patch(&p, 72, &(1u64 << bit).to_be_bytes());
         expect_unsupported(&p, words);
@@ -89,7 +96,6 @@ fn truncated_files() {
     // Header intact but the tables are gone.
     std::fs::write(&p, &full[..65536]).unwrap();
     expect_corrupt(&p, "past the end of the file");
-    // Everything but the data: L2 table present, data cluster gone (reads as zeros, as qemu).
 }
 
 #[test]
@@ -123,22 +129,67 @@ fn l2_offset_past_eof_is_corrupt_on_read() {
 }
 
 #[test]
+fn data_cluster_past_eof_is_corrupt() {
+    let dir = TempDir::new("data-eof");
+    let p = fresh(&dir, "a.qcow2");
+    let b = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    patch(&p, l2, &((1u64 << 63) | (1 << 45)).to_be_bytes());
+    let img = open(&p, Format::Qcow2, false, false).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(matches!(
+        img.read_at(&mut buf, 0),
+        Err(ImageError::Corrupt(_))
+    ));
+    assert!(matches!(img.write_at(&buf, 0), Err(ImageError::Corrupt(_))));
+    // The second cluster is intact.
+    img.read_at(&mut buf, 65536).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x5a));
+    drop(img);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        b.len() as u64,
+        "file grew"
+    );
+}
+
+#[test]
 fn compressed_cluster_read_is_unsupported() {
     let dir = TempDir::new("compressed");
     let raw = dir.path("src.raw");
     // Compressible content: qemu stores incompressible clusters uncompressed.
-    let text: Vec<u8> = b"tern compressible block ".iter().copied().cycle().take(1 << 20).collect();
+    let text: Vec<u8> = b"tern compressible block "
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
     std::fs::write(&raw, text).unwrap();
     let p = dir.path("c.qcow2");
-    qemu_img(&["convert", "-c", "-O", "qcow2", raw.to_str().unwrap(), p.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
     let img = open(&p, Format::Qcow2, false, false).unwrap();
     let mut buf = vec![0u8; 4096];
     match img.read_at(&mut buf, 0) {
         Err(ImageError::Unsupported(m)) => assert!(m.contains("compressed"), "{m}"),
         r => panic!("expected Unsupported, got {r:?}"),
     }
-    assert!(matches!(img.write_at(&buf, 0), Err(ImageError::Unsupported(_))));
-    assert!(matches!(img.discard(0, 65536), Err(ImageError::Unsupported(_))));
+    assert!(matches!(
+        img.write_at(&buf, 0),
+        Err(ImageError::Unsupported(_))
+    ));
+    assert!(matches!(
+        img.discard(0, 65536),
+        Err(ImageError::Unsupported(_))
+    ));
 }
 
 #[test]
@@ -159,7 +210,13 @@ fn snapshots_are_read_only() {
 fn header_byte_fuzz_never_panics() {
     let dir = TempDir::new("fuzz");
     let orig = dir.path("orig.qcow2");
-    create_qcow2(&orig, 4 << 20, 12, Some((Path::new("base.raw"), Format::Raw))).unwrap();
+    create_qcow2(
+        &orig,
+        4 << 20,
+        12,
+        Some((Path::new("base.raw"), Format::Raw)),
+    )
+    .unwrap();
     std::fs::write(dir.path("base.raw"), pattern(3, 4 << 20)).unwrap();
     {
         let img = open(&orig, Format::Qcow2, false, false).unwrap();
@@ -194,7 +251,9 @@ fn fuzzed_tables_never_panic() {
     // Corrupt bytes in the refcount table, refcount block, L1 and L2 tables.
     let mut seed = 1u64;
     for _ in 0..300 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let i = 4096 + (seed >> 33) as usize % (content.len() - 4096).min(8 * 4096);
         let mut b = content.clone();
         b[i] ^= (seed >> 20) as u8 | 1;

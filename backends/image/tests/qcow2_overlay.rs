@@ -21,13 +21,22 @@ fn exercise_overlay(overlay: &Path, base: &Path, base_content: &[u8], cs: u64) {
         write_both(&*img, &mut expected, &pattern(100, 10), 5);
         write_both(&*img, &mut expected, &pattern(101, 300), cs - 150);
         write_both(&*img, &mut expected, &pattern(102, cs as usize), 4 * cs);
-        write_both(&*img, &mut expected, &pattern(103, 1 << 20), (2 << 20) + 333);
+        write_both(
+            &*img,
+            &mut expected,
+            &pattern(103, 1 << 20),
+            (2 << 20) + 333,
+        );
         write_both(&*img, &mut expected, &pattern(104, 7), SIZE - 7);
         write_both(&*img, &mut expected, &pattern(105, 20), 7); // again, allocated now
         img.flush().unwrap();
         assert_same("overlay after writes", &read_all(&*img), &expected);
     }
-    assert_eq!(std::fs::read(base).unwrap(), base_before, "the base image was modified");
+    assert_eq!(
+        std::fs::read(base).unwrap(),
+        base_before,
+        "the base image was modified"
+    );
     qemu_check(overlay);
     assert_same("qemu-img convert overlay", &qemu_to_raw(overlay), &expected);
     let img = open(overlay, Format::Qcow2, true, false).unwrap();
@@ -48,7 +57,19 @@ fn raw_base_qemu_overlay() {
         let content = base_content(SIZE as usize);
         std::fs::write(&base, &content).unwrap();
         let ov = dir.path("overlay.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cs}"), "-b", "base.raw", "-F", "raw", ov.to_str().unwrap()]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            ov.to_str().unwrap(),
+        ]);
         exercise_overlay(&ov, &base, &content, cs);
     }
 }
@@ -60,12 +81,38 @@ fn qcow2_base_qemu_overlay_without_format_extension() {
     let content = base_content(SIZE as usize);
     std::fs::write(&base_raw, &content).unwrap();
     let base = dir.path("base.qcow2");
-    qemu_img(&["convert", "-O", "qcow2", base_raw.to_str().unwrap(), base.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        base_raw.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
     let ov = dir.path("overlay.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", ov.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        ov.to_str().unwrap(),
+    ]);
     // Drop the backing-format extension so detection is used.
     let ov2 = dir.path("overlay2.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", ov2.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        ov2.to_str().unwrap(),
+    ]);
     strip_backing_format(&ov2);
     exercise_overlay(&ov, &base, &content, 65536);
     let img = open(&ov2, Format::Qcow2, true, false).unwrap();
@@ -76,7 +123,10 @@ fn qcow2_base_qemu_overlay_without_format_extension() {
 /// readers must ignore.
 fn strip_backing_format(p: &Path) {
     let mut b = std::fs::read(p).unwrap();
-    let pos = b.windows(4).position(|w| w == [0xE2, 0x79, 0x2A, 0xCA]).expect("backing format extension");
+    let pos = b
+        .windows(4)
+        .position(|w| w == [0xE2, 0x79, 0x2A, 0xCA])
+        .expect("backing format extension");
     b[pos..pos + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
     std::fs::write(p, b).unwrap();
 }
@@ -110,7 +160,11 @@ fn create_qcow2_overlay_chain_and_smaller_base() {
         expected[..65536].fill(0);
         assert_same("chain after writes", &read_all(&*img), &expected);
     }
-    assert_eq!(std::fs::read(&mid).unwrap(), mid_before, "middle image modified");
+    assert_eq!(
+        std::fs::read(&mid).unwrap(),
+        mid_before,
+        "middle image modified"
+    );
     qemu_check(&top);
     assert_same("qemu-img convert chain", &qemu_to_raw(&top), &expected);
 }

@@ -44,7 +44,16 @@ fn qemu_created_4k_clusters() {
 fn qemu_created_v2_compat() {
     let dir = TempDir::new("qv2");
     let p = dir.path("d.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", p.to_str().unwrap(), &SIZE.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        p.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
     write_and_verify(&p, 65536);
 }
 
@@ -57,7 +66,10 @@ fn create_qcow2_64k_and_4k_and_512() {
         qemu_check(&p);
         let info = qemu_img(&["info", p.to_str().unwrap()]);
         let info = String::from_utf8_lossy(&info.stdout);
-        assert!(info.contains(&format!("cluster_size: {}", 1u64 << bits)), "{info}");
+        assert!(
+            info.contains(&format!("cluster_size: {}", 1u64 << bits)),
+            "{info}"
+        );
         assert!(info.contains("compat: 1.1"), "{info}");
         write_and_verify(&p, 1 << bits);
     }
@@ -101,7 +113,15 @@ fn reads_image_converted_from_raw() {
     std::fs::write(&raw, &content).unwrap();
     for cs in ["65536", "4096"] {
         let q = dir.path(&format!("c{cs}.qcow2"));
-        qemu_img(&["convert", "-O", "qcow2", "-o", &format!("cluster_size={cs}"), raw.to_str().unwrap(), q.to_str().unwrap()]);
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            raw.to_str().unwrap(),
+            q.to_str().unwrap(),
+        ]);
         let img = open(&q, Format::Qcow2, true, false).unwrap();
         assert_same("converted image", &read_all(&*img), &content);
         assert!(img.write_at(&[1], 0).is_err());
@@ -157,11 +177,54 @@ fn read_only_and_out_of_range() {
     qemu_create(&p, SIZE, 65536);
     let img = open(&p, Format::Qcow2, true, false).unwrap();
     assert!(img.is_read_only());
-    assert!(matches!(img.write_at(&[0], 0), Err(tern_image::ImageError::ReadOnly)));
-    assert!(matches!(img.discard(0, 4096), Err(tern_image::ImageError::ReadOnly)));
+    assert!(matches!(
+        img.write_at(&[0], 0),
+        Err(tern_image::ImageError::ReadOnly)
+    ));
+    assert!(matches!(
+        img.discard(0, 4096),
+        Err(tern_image::ImageError::ReadOnly)
+    ));
     let rw = open(&p, Format::Qcow2, false, false).unwrap();
     let mut b = [0u8; 2];
-    assert!(matches!(rw.read_at(&mut b, SIZE - 1), Err(tern_image::ImageError::OutOfRange { .. })));
-    assert!(matches!(rw.write_at(&b, SIZE - 1), Err(tern_image::ImageError::OutOfRange { .. })));
+    assert!(matches!(
+        rw.read_at(&mut b, SIZE - 1),
+        Err(tern_image::ImageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        rw.write_at(&b, SIZE - 1),
+        Err(tern_image::ImageError::OutOfRange { .. })
+    ));
     let _: &dyn DiskImage = &*rw;
+}
+
+#[test]
+fn direct_io_with_aligned_buffers() {
+    let dir = TempDir::new("qdirect");
+    let p = dir.path("d.qcow2");
+    qemu_create(&p, SIZE, 65536);
+    let img = match open(&p, Format::Qcow2, false, true) {
+        Ok(img) => img,
+        Err(tern_image::ImageError::Unsupported(m)) => {
+            assert!(m.contains("O_DIRECT"), "{m}");
+            return;
+        }
+        Err(e) => panic!("open with O_DIRECT: {e}"),
+    };
+    let mut v = vec![0u8; 3 << 16];
+    let start = v.as_ptr().align_offset(4096);
+    let buf = &mut v[start..start + (1 << 16)];
+    let mut expected = vec![0u8; SIZE as usize];
+    // First write allocates (buffered path), the second goes to the allocated cluster with O_DIRECT.
+    for (seed, off) in [(1u64, 8192u64), (2, 4096), (3, 3 << 20)] {
+        buf[..8192].copy_from_slice(&pattern(seed, 8192));
+        write_both(&*img, &mut expected, &buf[..8192], off);
+    }
+    img.flush().unwrap();
+    buf[..4096].fill(0);
+    img.read_at(&mut buf[..4096], 8192).unwrap();
+    assert_same("direct read", &buf[..4096], &expected[8192..12288]);
+    drop(img);
+    qemu_check(&p);
+    assert_same("qemu-img convert", &qemu_to_raw(&p), &expected);
 }

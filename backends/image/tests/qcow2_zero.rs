@@ -50,7 +50,10 @@ fn check_zeroing(p: &Path, cs: u64, with_data: bool) {
         assert_same("after zeroing", &read_all(&*img), &expected);
         if with_data {
             let blocks_after = std::fs::metadata(p).unwrap().blocks();
-            assert!(blocks_after < blocks_before, "discard freed no space ({blocks_before} -> {blocks_after})");
+            assert!(
+                blocks_after < blocks_before,
+                "discard freed no space ({blocks_before} -> {blocks_after})"
+            );
         }
         // Writing into discarded / zero-flagged clusters works.
         write_both(&*img, &mut expected, &pattern(3, 1000), (6 << 20) + 5);
@@ -74,7 +77,16 @@ fn zeroing_v3_64k_and_4k() {
 fn zeroing_v2() {
     let dir = TempDir::new("zero-v2");
     let p = dir.path("d.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", p.to_str().unwrap(), &SIZE.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        p.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
     check_zeroing(&p, 65536, true);
 }
 
@@ -97,6 +109,18 @@ fn zeroing_over_backing_file_v2() {
     let base = dir.path("base.raw");
     std::fs::write(&base, pattern(8, SIZE as usize)).unwrap();
     let p = dir.path("ov.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F", "raw", p.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p.to_str().unwrap(),
+    ]);
     check_zeroing(&p, 65536, false);
 }

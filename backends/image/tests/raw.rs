@@ -30,10 +30,22 @@ fn read_write_flush_and_range_errors() {
     assert_eq!(std::fs::read(&p).unwrap(), expected);
 
     let mut buf = [0u8; 2];
-    assert!(matches!(img.read_at(&mut buf, SIZE - 1), Err(ImageError::OutOfRange { .. })));
-    assert!(matches!(img.write_at(&buf, SIZE), Err(ImageError::OutOfRange { .. })));
-    assert!(matches!(img.write_at(&buf, u64::MAX), Err(ImageError::OutOfRange { .. })));
-    assert!(matches!(img.discard(SIZE - 1, 2), Err(ImageError::OutOfRange { .. })));
+    assert!(matches!(
+        img.read_at(&mut buf, SIZE - 1),
+        Err(ImageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        img.write_at(&buf, SIZE),
+        Err(ImageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        img.write_at(&buf, u64::MAX),
+        Err(ImageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        img.discard(SIZE - 1, 2),
+        Err(ImageError::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -46,7 +58,10 @@ fn read_only_refuses_writes() {
     img.read_at(&mut buf, 0).unwrap();
     assert!(matches!(img.write_at(&buf, 0), Err(ImageError::ReadOnly)));
     assert!(matches!(img.discard(0, 512), Err(ImageError::ReadOnly)));
-    assert!(matches!(img.write_zeroes(0, 512, false), Err(ImageError::ReadOnly)));
+    assert!(matches!(
+        img.write_zeroes(0, 512, false),
+        Err(ImageError::ReadOnly)
+    ));
 }
 
 #[test]
@@ -61,8 +76,15 @@ fn discard_punches_holes_and_write_zeroes_reads_zero() {
     img.discard(1 << 20, 4 << 20).unwrap();
     expected[1 << 20..5 << 20].fill(0);
     let after = std::fs::metadata(&p).unwrap().blocks();
-    assert!(after + (3 << 20) / 512 <= before, "st_blocks {before} -> {after}: discard did not free space");
-    assert_eq!(std::fs::metadata(&p).unwrap().len(), SIZE, "discard changed the file size");
+    assert!(
+        after + (3 << 20) / 512 <= before,
+        "st_blocks {before} -> {after}: discard did not free space"
+    );
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        SIZE,
+        "discard changed the file size"
+    );
 
     img.write_zeroes(100, 5000, false).unwrap();
     expected[100..5100].fill(0);
@@ -75,7 +97,10 @@ fn discard_punches_holes_and_write_zeroes_reads_zero() {
 fn format_parse_and_detect() {
     assert_eq!("raw".parse::<Format>().unwrap(), Format::Raw);
     assert_eq!("qcow2".parse::<Format>().unwrap(), Format::Qcow2);
-    assert!(matches!("vmdk".parse::<Format>(), Err(ImageError::UnknownFormat(_))));
+    assert!(matches!(
+        "vmdk".parse::<Format>(),
+        Err(ImageError::UnknownFormat(_))
+    ));
     let dir = TempDir::new("raw-detect");
     let p = make_raw(&dir, "disk.raw");
     assert_eq!(tern_image::detect(&p).unwrap(), Format::Raw);
@@ -85,7 +110,10 @@ fn format_parse_and_detect() {
     let empty = dir.path("empty");
     std::fs::File::create(&empty).unwrap();
     assert_eq!(tern_image::detect(&empty).unwrap(), Format::Raw);
-    assert!(matches!(tern_image::detect(&dir.path("missing")), Err(ImageError::Open { .. })));
+    assert!(matches!(
+        tern_image::detect(&dir.path("missing")),
+        Err(ImageError::Open { .. })
+    ));
 }
 
 #[test]

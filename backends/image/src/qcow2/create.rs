@@ -28,7 +28,9 @@ pub fn create_qcow2(
     let per_l2 = cs * (cs / 8);
     let l1_size = size.div_ceil(per_l2);
     if l1_size * 8 > MAX_L1_BYTES {
-        return Err(ImageError::Unsupported(format!("virtual size {size} is too large for {cs}-byte clusters")));
+        return Err(ImageError::Unsupported(format!(
+            "virtual size {size} is too large for {cs}-byte clusters"
+        )));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
     let rb_entries = cs / 2;
@@ -83,11 +85,22 @@ pub fn create_qcow2(
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|err| ImageError::Open { path: path.to_path_buf(), err })?;
+        .map_err(|err| ImageError::Open {
+            path: path.to_path_buf(),
+            err,
+        })?;
     file::write_all(&f, &hdr, 0)?;
     file::write_all(&f, &rt, rt_off)?;
     file::write_all(&f, &rbs, rb_off)?;
-    f.set_len(total * cs).map_err(|err| ImageError::Io { op: "set_len", offset: total * cs, err })?;
-    f.sync_all().map_err(|err| ImageError::Io { op: "fsync", offset: 0, err })?;
+    f.set_len(total * cs).map_err(|err| ImageError::Io {
+        op: "set_len",
+        offset: total * cs,
+        err,
+    })?;
+    f.sync_all().map_err(|err| ImageError::Io {
+        op: "fsync",
+        offset: 0,
+        err,
+    })?;
     Ok(())
 }

@@ -76,11 +76,16 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Header, ImageError> {
         return Err(corrupt("bad magic: not a qcow2 image"));
     }
     if buf.len() < V2_HEADER_LEN {
-        return Err(corrupt(format!("truncated header: file is only {} bytes", buf.len())));
+        return Err(corrupt(format!(
+            "truncated header: file is only {} bytes",
+            buf.len()
+        )));
     }
     let version = be32(buf, 4);
     if version != 2 && version != 3 {
-        return Err(unsupported(format!("qcow2 version {version} (only 2 and 3 are supported)")));
+        return Err(unsupported(format!(
+            "qcow2 version {version} (only 2 and 3 are supported)"
+        )));
     }
     let backing_file_offset = be64(buf, 8);
     let backing_file_size = be32(buf, 16);
@@ -93,7 +98,9 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Header, ImageError> {
     let cluster_size = 1usize << cluster_bits;
     let crypt_method = be32(buf, 32);
     if crypt_method != 0 {
-        return Err(unsupported(format!("encrypted image (crypt_method {crypt_method})")));
+        return Err(unsupported(format!(
+            "encrypted image (crypt_method {crypt_method})"
+        )));
     }
     let mut h = Header {
         version,
@@ -111,7 +118,10 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Header, ImageError> {
     let mut header_len = V2_HEADER_LEN;
     if version == 3 {
         if buf.len() < 104 {
-            return Err(corrupt(format!("truncated v3 header: file is only {} bytes", buf.len())));
+            return Err(corrupt(format!(
+                "truncated v3 header: file is only {} bytes",
+                buf.len()
+            )));
         }
         check_incompatible(be64(buf, 72))?;
         h.autoclear = be64(buf, 88);
@@ -141,7 +151,9 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Header, ImageError> {
         }
         let data_end = off + 8 + len;
         if data_end > limit {
-            return Err(corrupt(format!("header extension {typ:#x} at {off} overruns the header cluster")));
+            return Err(corrupt(format!(
+                "header extension {typ:#x} at {off} overruns the header cluster"
+            )));
         }
         if typ == EXT_BACKING_FORMAT {
             let name = std::str::from_utf8(&buf[off + 8..data_end])
@@ -173,19 +185,27 @@ fn check_incompatible(bits: u64) -> Result<(), ImageError> {
         ));
     }
     if bits & INCOMPAT_CORRUPT != 0 {
-        return Err(unsupported("the corrupt bit is set (run `qemu-img check -r all`)"));
+        return Err(unsupported(
+            "the corrupt bit is set (run `qemu-img check -r all`)",
+        ));
     }
     if bits & INCOMPAT_DATA_FILE != 0 {
         return Err(unsupported("external data files are not supported"));
     }
     if bits & INCOMPAT_COMPRESSION != 0 {
-        return Err(unsupported("a non-default compression type is not supported"));
+        return Err(unsupported(
+            "a non-default compression type is not supported",
+        ));
     }
     if bits & INCOMPAT_EXTL2 != 0 {
-        return Err(unsupported("extended L2 entries (subclusters) are not supported"));
+        return Err(unsupported(
+            "extended L2 entries (subclusters) are not supported",
+        ));
     }
     if bits != 0 {
-        return Err(unsupported(format!("unknown incompatible feature bits {bits:#x}")));
+        return Err(unsupported(format!(
+            "unknown incompatible feature bits {bits:#x}"
+        )));
     }
     Ok(())
 }
@@ -222,11 +242,16 @@ impl NewHeader<'_> {
         let mut off = V3_HEADER_LEN;
         if let Some((name, fmt)) = self.backing {
             if name.is_empty() || name.len() > 1023 {
-                return Err(unsupported(format!("backing file name of {} bytes", name.len())));
+                return Err(unsupported(format!(
+                    "backing file name of {} bytes",
+                    name.len()
+                )));
             }
             let need = off + 8 + fmt.len().next_multiple_of(8) + 8 + name.len();
             if need > cs {
-                return Err(unsupported("backing file name does not fit in the header cluster"));
+                return Err(unsupported(
+                    "backing file name does not fit in the header cluster",
+                ));
             }
             put32(&mut b, off, EXT_BACKING_FORMAT);
             put32(&mut b, off + 4, fmt.len() as u32);

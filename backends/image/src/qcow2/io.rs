@@ -19,7 +19,12 @@ impl Qcow2Image {
             let pos = offset + done;
             let in_off = pos & (cs - 1);
             let n = (cs - in_off).min(len - done);
-            f(pos >> self.geo.cluster_bits, in_off, done as usize, n as usize)?;
+            f(
+                pos >> self.geo.cluster_bits,
+                in_off,
+                done as usize,
+                n as usize,
+            )?;
             done += n;
         }
         Ok(())
@@ -61,7 +66,12 @@ impl Qcow2Image {
 
     /// Writes `data` into guest cluster `vcl` at `in_off`, allocating (with
     /// copy-on-write of the rest of the cluster) if needed.
-    pub(crate) fn write_cluster_piece(&self, vcl: u64, in_off: u64, data: &[u8]) -> Result<(), ImageError> {
+    pub(crate) fn write_cluster_piece(
+        &self,
+        vcl: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> Result<(), ImageError> {
         let cs = self.geo.cluster_size as usize;
         let full = in_off == 0 && data.len() == cs;
         let mut m = self.lock();

@@ -108,12 +108,20 @@ impl Qcow2Image {
         Self::open_depth(path, read_only, direct, 0)
     }
 
-    fn open_depth(path: &Path, read_only: bool, direct: bool, depth: u32) -> Result<Self, ImageError> {
+    fn open_depth(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        depth: u32,
+    ) -> Result<Self, ImageError> {
         let meta_file = file::open_file(path, read_only, false)?;
         let data_file = if direct {
             file::open_file(path, read_only, true)?
         } else {
-            meta_file.try_clone().map_err(|err| ImageError::Open { path: path.to_path_buf(), err })?
+            meta_file.try_clone().map_err(|err| ImageError::Open {
+                path: path.to_path_buf(),
+                err,
+            })?
         };
         let file_len = file::file_len(&meta_file)?;
         let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
@@ -139,7 +147,9 @@ impl Qcow2Image {
         }
         let l1_bytes = h.l1_size as u64 * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(ImageError::Unsupported(format!("L1 table of {l1_bytes} bytes is too large")));
+            return Err(ImageError::Unsupported(format!(
+                "L1 table of {l1_bytes} bytes is too large"
+            )));
         }
         check_table(&geo, "L1 table", h.l1_table_offset, l1_bytes, file_len)?;
         let rt_bytes = h.refcount_table_clusters as u64 * cs;
@@ -149,13 +159,25 @@ impl Qcow2Image {
                 h.refcount_table_clusters
             )));
         }
-        check_table(&geo, "refcount table", h.refcount_table_offset, rt_bytes, file_len)?;
+        check_table(
+            &geo,
+            "refcount table",
+            h.refcount_table_offset,
+            rt_bytes,
+            file_len,
+        )?;
         let l1 = read_table(&meta_file, h.l1_table_offset, l1_bytes)?;
         let rt = read_table(&meta_file, h.refcount_table_offset, rt_bytes)?;
 
         let backing = match &h.backing_file {
             None => None,
-            Some(name) => Some(open_backing(path, name, h.backing_format.as_deref(), direct, depth)?),
+            Some(name) => Some(open_backing(
+                path,
+                name,
+                h.backing_format.as_deref(),
+                direct,
+                depth,
+            )?),
         };
 
         if h.version == 3 && h.autoclear != 0 && !read_only {
@@ -214,19 +236,29 @@ impl Qcow2Image {
 
 fn read_meta_from(f: &File, buf: &mut [u8], off: u64, what: &str) -> Result<(), ImageError> {
     match file::read_exact(f, buf, off) {
-        Err(ImageError::Io { err, .. }) if err.kind() == std::io::ErrorKind::UnexpectedEof => Err(
-            ImageError::Corrupt(format!("{what} at offset {off:#x} extends past the end of the file")),
-        ),
+        Err(ImageError::Io { err, .. }) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(ImageError::Corrupt(format!(
+                "{what} at offset {off:#x} extends past the end of the file"
+            )))
+        }
         other => other,
     }
 }
 
-fn check_table(geo: &Geometry, what: &str, off: u64, bytes: u64, file_len: u64) -> Result<(), ImageError> {
+fn check_table(
+    geo: &Geometry,
+    what: &str,
+    off: u64,
+    bytes: u64,
+    file_len: u64,
+) -> Result<(), ImageError> {
     if bytes == 0 {
         return Ok(());
     }
     if off == 0 || !geo.aligned(off) {
-        return Err(ImageError::Corrupt(format!("{what} offset {off:#x} is not cluster aligned")));
+        return Err(ImageError::Corrupt(format!(
+            "{what} offset {off:#x} is not cluster aligned"
+        )));
     }
     match off.checked_add(bytes) {
         Some(end) if end <= file_len => Ok(()),
@@ -270,6 +302,11 @@ fn open_backing(
     let _ = direct;
     match format {
         Format::Raw => Ok(Box::new(crate::RawImage::open(&path, true, false)?)),
-        Format::Qcow2 => Ok(Box::new(Qcow2Image::open_depth(&path, true, false, depth + 1)?)),
+        Format::Qcow2 => Ok(Box::new(Qcow2Image::open_depth(
+            &path,
+            true,
+            false,
+            depth + 1,
+        )?)),
     }
 }

@@ -21,7 +21,9 @@ impl Qcow2Image {
     fn rb_offset(&self, m: &Meta, idx: usize) -> Result<u64, ImageError> {
         let off = m.rt.get(idx).copied().unwrap_or(0) & super::tables::OFFSET_MASK;
         if off != 0 && !self.geo.aligned(off) {
-            return Err(ImageError::Corrupt(format!("refcount block offset {off:#x} is not cluster aligned")));
+            return Err(ImageError::Corrupt(format!(
+                "refcount block offset {off:#x} is not cluster aligned"
+            )));
         }
         Ok(off)
     }
@@ -55,11 +57,18 @@ impl Qcow2Image {
     }
 
     /// Sets the refcount of the cluster at `host`; its refcount block must exist.
-    pub(crate) fn set_refcount(&self, m: &mut Meta, host: u64, value: u16) -> Result<(), ImageError> {
+    pub(crate) fn set_refcount(
+        &self,
+        m: &mut Meta,
+        host: u64,
+        value: u16,
+    ) -> Result<(), ImageError> {
         let (idx, entry) = self.rc_pos(host);
         let rb = self.rb_offset(m, idx)?;
         if rb == 0 {
-            return Err(ImageError::Corrupt(format!("no refcount block covers cluster {host:#x}")));
+            return Err(ImageError::Corrupt(format!(
+                "no refcount block covers cluster {host:#x}"
+            )));
         }
         self.load_rb(m, rb)?;
         file::write_all(&self.meta_file, &value.to_be_bytes(), rb + entry as u64 * 2)?;
@@ -71,7 +80,9 @@ impl Qcow2Image {
     pub(crate) fn free_cluster(&self, m: &mut Meta, host: u64) -> Result<(), ImageError> {
         let rc = self.refcount(m, host)?;
         if rc == 0 {
-            return Err(ImageError::Corrupt(format!("freeing cluster {host:#x} whose refcount is 0")));
+            return Err(ImageError::Corrupt(format!(
+                "freeing cluster {host:#x} whose refcount is 0"
+            )));
         }
         self.set_refcount(m, host, rc - 1)?;
         if rc == 1 {
@@ -92,7 +103,9 @@ impl Qcow2Image {
         loop {
             let off = m.next_free;
             if off > super::tables::OFFSET_MASK {
-                return Err(ImageError::Unsupported("image file would exceed 2^56 bytes".into()));
+                return Err(ImageError::Unsupported(
+                    "image file would exceed 2^56 bytes".into(),
+                ));
             }
             let (idx, entry) = self.rc_pos(off);
             if idx >= m.rt.len() {
@@ -104,7 +117,11 @@ impl Qcow2Image {
                 let mut block = vec![0u16; self.geo.rb_entries];
                 block[entry] = 1;
                 file::write_all(&self.meta_file, &rb_bytes(&block), off)?;
-                file::write_all(&self.meta_file, &off.to_be_bytes(), m.rt_offset + idx as u64 * 8)?;
+                file::write_all(
+                    &self.meta_file,
+                    &off.to_be_bytes(),
+                    m.rt_offset + idx as u64 * 8,
+                )?;
                 m.rt[idx] = off;
                 m.rb_cache.insert(off, block);
                 m.next_free += cs;
@@ -161,12 +178,16 @@ impl Qcow2Image {
         }
         let end = start + (table_clusters as u64 + new_blocks.len() as u64) * cs;
         if table_clusters as u64 * cs > super::MAX_REFTABLE_BYTES {
-            return Err(ImageError::Unsupported("refcount table would exceed 8 MiB".into()));
+            return Err(ImageError::Unsupported(
+                "refcount table would exceed 8 MiB".into(),
+            ));
         }
 
         // Refcounts of the new clusters: in new blocks (memory) or existing ones (disk).
-        let mut blocks: BTreeMap<usize, Vec<u16>> =
-            new_blocks.keys().map(|&i| (i, vec![0u16; self.geo.rb_entries])).collect();
+        let mut blocks: BTreeMap<usize, Vec<u16>> = new_blocks
+            .keys()
+            .map(|&i| (i, vec![0u16; self.geo.rb_entries]))
+            .collect();
         let mut c = start;
         while c < end {
             let (idx, entry) = self.rc_pos(c);

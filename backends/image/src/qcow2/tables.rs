@@ -49,6 +49,11 @@ impl Qcow2Image {
                 "L2 entry {e:#x} for guest cluster {vcl} is not cluster aligned"
             )));
         }
+        if host >= m.next_free {
+            return Err(ImageError::Corrupt(format!(
+                "guest cluster {vcl} maps to host offset {host:#x}, past the end of the file"
+            )));
+        }
         if self.version >= 3 && e & ZERO != 0 {
             return Ok(Mapping::Zero { host, copied });
         }
@@ -62,7 +67,9 @@ impl Qcow2Image {
     fn load_l2<'m>(&self, m: &'m mut Meta, l2_off: u64) -> Result<&'m mut Vec<u64>, ImageError> {
         if !m.l2_cache.contains_key(&l2_off) {
             if !self.geo.aligned(l2_off) {
-                return Err(ImageError::Corrupt(format!("L2 table offset {l2_off:#x} is not cluster aligned")));
+                return Err(ImageError::Corrupt(format!(
+                    "L2 table offset {l2_off:#x} is not cluster aligned"
+                )));
             }
             let mut raw = vec![0u8; self.geo.cluster_size as usize];
             self.read_meta(&mut raw, l2_off, "L2 table")?;
@@ -81,11 +88,18 @@ impl Qcow2Image {
 
     /// Sets the L2 entry of guest cluster `vcl`, allocating the L2 table if
     /// needed (table written before the L1 entry that points at it).
-    pub(crate) fn set_l2_entry(&self, m: &mut Meta, vcl: u64, entry: u64) -> Result<(), ImageError> {
+    pub(crate) fn set_l2_entry(
+        &self,
+        m: &mut Meta,
+        vcl: u64,
+        entry: u64,
+    ) -> Result<(), ImageError> {
         let l1_idx = (vcl >> self.geo.l2_bits) as usize;
         let l2_idx = (vcl & ((1 << self.geo.l2_bits) - 1)) as usize;
         let Some(&l1e) = m.l1.get(l1_idx) else {
-            return Err(ImageError::Corrupt(format!("guest cluster {vcl} is beyond the L1 table")));
+            return Err(ImageError::Corrupt(format!(
+                "guest cluster {vcl} is beyond the L1 table"
+            )));
         };
         let l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
@@ -95,7 +109,11 @@ impl Qcow2Image {
             let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             file::write_all(&self.meta_file, &raw, new)?;
             let l1e = new | COPIED;
-            file::write_all(&self.meta_file, &l1e.to_be_bytes(), self.l1_offset + l1_idx as u64 * 8)?;
+            file::write_all(
+                &self.meta_file,
+                &l1e.to_be_bytes(),
+                self.l1_offset + l1_idx as u64 * 8,
+            )?;
             m.l1[l1_idx] = l1e;
             if m.l2_cache.len() >= self.geo.cache_tables() {
                 if let Some(k) = m.l2_cache.keys().next().copied() {
@@ -111,7 +129,11 @@ impl Qcow2Image {
             ));
         }
         self.load_l2(m, l2_off)?;
-        file::write_all(&self.meta_file, &entry.to_be_bytes(), l2_off + l2_idx as u64 * 8)?;
+        file::write_all(
+            &self.meta_file,
+            &entry.to_be_bytes(),
+            l2_off + l2_idx as u64 * 8,
+        )?;
         self.load_l2(m, l2_off)?[l2_idx] = entry;
         Ok(())
     }

@@ -61,8 +61,11 @@ pub fn qemu_io(path: &Path, cmd: &str) {
     let p = path.to_str().expect("utf-8 path");
     let o = run("qemu-io", &["-f", "qcow2", "-c", cmd, p]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && !out.contains("error"), "qemu-io {cmd:?} failed: {out}\n{}",
-        String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success() && !out.contains("error"),
+        "qemu-io {cmd:?} failed: {out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// `qemu-img create -f qcow2 -o cluster_size=..`.
@@ -81,7 +84,10 @@ pub fn qemu_create(path: &Path, size: u64, cluster_size: u64) {
 
 /// `qemu-img check`: exit status 0 means no errors and no leaks.
 pub fn qemu_check(path: &Path) {
-    let o = run("qemu-img", &["check", "-f", "qcow2", path.to_str().expect("utf-8 path")]);
+    let o = run(
+        "qemu-img",
+        &["check", "-f", "qcow2", path.to_str().expect("utf-8 path")],
+    );
     assert!(
         o.status.success(),
         "qemu-img check {} reported problems (exit {:?}):\n{}\n{}",
@@ -123,7 +129,8 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Writes `data` at `off` to both the image and the expected content.
 pub fn write_both(img: &dyn DiskImage, expected: &mut [u8], data: &[u8], off: u64) {
-    img.write_at(data, off).unwrap_or_else(|e| panic!("write {} at {off:#x}: {e}", data.len()));
+    img.write_at(data, off)
+        .unwrap_or_else(|e| panic!("write {} at {off:#x}: {e}", data.len()));
     expected[off as usize..off as usize + data.len()].copy_from_slice(data);
 }
 
@@ -138,7 +145,10 @@ pub fn read_all(img: &dyn DiskImage) -> Vec<u8> {
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: length differs");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}: got {:#x}, want {:#x}", got[i], want[i]);
+        panic!(
+            "{what}: first difference at byte {i:#x}: got {:#x}, want {:#x}",
+            got[i], want[i]
+        );
     }
 }
 
@@ -161,10 +171,19 @@ pub fn exercise(img: &dyn DiskImage, expected: &mut [u8], cs: u64) {
     w(expected, 9, 600, 50);
     w(expected, 10, (1 << 20) + 12000, 1000);
     // Read back some pieces, then everything.
-    for &(off, len) in &[(0u64, 4096usize), (cs - 200, 600), ((1 << 20) + 12000, 70000), (size - cs, cs as usize)] {
+    for &(off, len) in &[
+        (0u64, 4096usize),
+        (cs - 200, 600),
+        ((1 << 20) + 12000, 70000),
+        (size - cs, cs as usize),
+    ] {
         let mut buf = vec![0u8; len];
         img.read_at(&mut buf, off).expect("read back");
-        assert_same(&format!("read at {off:#x}"), &buf, &expected[off as usize..off as usize + len]);
+        assert_same(
+            &format!("read at {off:#x}"),
+            &buf,
+            &expected[off as usize..off as usize + len],
+        );
     }
     assert_same("whole image", &read_all(img), expected);
 }
