@@ -64,6 +64,7 @@ SECTIONS
 
 	.stack (NOLOAD) : ALIGN(4096) {
 		*(.stack)
+		*(.noinit .noinit.*)
 	} :image
 
 	__image_end = .;

@@ -1,6 +1,7 @@
 /* tern test unikernel: parse the command line, run the requested checks,
  * report, then perform the final action. See README.md for the protocol. */
 #include "acpi.h"
+#include "blk_test.h"
 #include "bootparam.h"
 #include "io.h"
 #include "kbd.h"
@@ -50,7 +51,8 @@ int memmap_is_ram(uint64_t addr, uint64_t len)
 }
 
 static struct {
-	int check_pci, check_acpi, check_smp, check_mem;
+	int check_pci, check_acpi, check_smp, check_mem, check_blk;
+	struct blk_opts blk;
 	char action[32];
 	uint8_t code;
 	int cpus;    /* -1: not given */
@@ -120,6 +122,34 @@ static void copy_boot_params(uint32_t bp_paddr)
 	copy_cmdline(bp_u32(BP_HDR_CMD_LINE_PTR) | (uint64_t)bp_u32(BP_EXT_CMD_LINE_PTR) << 32);
 }
 
+/* A 64-bit hex (0x...) or decimal address; 0 on error. */
+static uint64_t parse_addr(const char *s, size_t n)
+{
+	uint64_t v = 0;
+	unsigned base = 10;
+	size_t i = 0;
+	if (n > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		base = 16;
+		i = 2;
+	}
+	if (i == n || n - i > 16)
+		return 0;
+	for (; i < n; i++) {
+		char c = s[i];
+		unsigned d;
+		if (c >= '0' && c <= '9')
+			d = (unsigned)(c - '0');
+		else if (base == 16 && c >= 'a' && c <= 'f')
+			d = (unsigned)(c - 'a' + 10);
+		else if (base == 16 && c >= 'A' && c <= 'F')
+			d = (unsigned)(c - 'A' + 10);
+		else
+			return 0;
+		v = v * base + d;
+	}
+	return v;
+}
+
 static void parse_checks(const char *v, size_t n)
 {
 	size_t i = 0;
@@ -136,6 +166,8 @@ static void parse_checks(const char *v, size_t n)
 				cfg.check_smp = 1;
 			else if (word_eq(v + i, j - i, "mem"))
 				cfg.check_mem = 1;
+			else if (word_eq(v + i, j - i, "blk"))
+				cfg.check_blk = 1;
 			else {
 				char name[32];
 				size_t k = j - i < sizeof(name) - 1 ? j - i : sizeof(name) - 1;
@@ -199,6 +231,20 @@ static void parse_cmdline(void)
 				check_fail("bad period= value");
 			else
 				cfg.period_ms = (uint32_t)m;
+		} else if (word_eq(w, kn, "blkpattern") || word_eq(w, kn, "blkwrite")) {
+			int64_t m = parse_num(v, vn);
+			if (m < 0 || m > 1)
+				check_fail("bad %s value", word_eq(w, kn, "blkwrite") ? "blkwrite=" : "blkpattern=");
+			else if (word_eq(w, kn, "blkwrite"))
+				cfg.blk.write = (int)m;
+			else
+				cfg.blk.pattern = (int)m;
+		} else if (word_eq(w, kn, "blkbar")) {
+			uint64_t b = parse_addr(v, vn);
+			if (b == 0 || (b & 0xfff))
+				check_fail("bad blkbar= value");
+			else
+				cfg.blk.bar = b;
 		} else if (word_eq(w, kn, "beats")) {
 			int64_t m = parse_num(v, vn);
 			if (m < 0 || m > 0xffffffffll)
@@ -265,6 +311,8 @@ void kmain(uint32_t info_paddr, uint32_t protocol)
 				   memmap_entries);
 		mem_check(cfg.mem);
 	}
+	if (cfg.check_blk)
+		blk_check(&cfg.blk);
 
 	if (check_failures == 0)
 		kprintf("RESULT pass\n");

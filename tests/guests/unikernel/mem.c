@@ -14,6 +14,7 @@
 #define PAGE 4096ull
 #define PTE_P_RW 0x003ull
 #define PDE_2M 0x083ull /* present, writable, page size; write-back */
+#define PDE_PCD_PWT 0x018ull /* uncached */
 #define PATTERN_STRIDE ((uint64_t)256 << 20)
 #define MISMATCHES_SHOWN 16
 
@@ -27,9 +28,16 @@ static uint64_t last_page;
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
 
+static void pool_init(void)
+{
+	if (!pool_start)
+		pool_start = pool_next = align_up((uint64_t)(uintptr_t)__image_end, PAGE);
+}
+
 /* A page for the page tables from the RAM after the image; 0 if there is none. */
 static uint64_t alloc_table(void)
 {
+	pool_init();
 	uint64_t p = pool_next;
 	if (memmap_is_ram(p, PAGE) != 1)
 		return 0;
@@ -167,7 +175,7 @@ void mem_check(int64_t expect_mib)
 			   legacy, expect_mib);
 
 	/* The identity map: RAM above 4 GiB needs page directories. */
-	pool_start = pool_next = align_up((uint64_t)(uintptr_t)__image_end, PAGE);
+	pool_init();
 	if (top > MEM_MAP_LIMIT) {
 		check_fail("mem RAM up to 0x%lx, only 0x%lx is mapped and tested", top,
 			   MEM_MAP_LIMIT);
@@ -190,4 +198,54 @@ void mem_check(int64_t expect_mib)
 		kprintf("MEM pattern ok pages=%u\n", pages_touched);
 	else
 		kprintf("MEM pattern bad mismatches=%u pages=%u\n", mismatches, pages_touched);
+}
+
+/* The page directory of 1 GiB number `gib` (>= 4), created with a write-back
+ * identity map if missing; 0 if there is no RAM for it. */
+static volatile uint64_t *page_dir(uint64_t gib)
+{
+	uint64_t l4 = gib >> 9, l3 = gib & 511;
+	volatile uint64_t *dir;
+	if (l4 == 0) {
+		dir = pdpt;
+	} else {
+		if (!(pml4[l4] & 1)) {
+			uint64_t t = alloc_table();
+			if (!t)
+				return 0;
+			pml4[l4] = t | PTE_P_RW;
+		}
+		dir = (volatile uint64_t *)(uintptr_t)(pml4[l4] & ~0xfffull);
+	}
+	if (!(dir[l3] & 1)) {
+		uint64_t t = alloc_table();
+		if (!t)
+			return 0;
+		volatile uint64_t *pd = (volatile uint64_t *)(uintptr_t)t;
+		for (uint64_t i = 0; i < 512; i++)
+			pd[i] = (gib * GIB + i * (2 * MIB)) | PDE_2M;
+		dir[l3] = t | PTE_P_RW;
+	}
+	return (volatile uint64_t *)(uintptr_t)(dir[l3] & ~0xfffull);
+}
+
+int mem_map_mmio(uint64_t addr, uint64_t size)
+{
+	uint64_t end = addr + size;
+	if (end <= 4 * GIB)
+		return 0; /* the boot page tables map it (uncached above 2 GiB) */
+	if (end < addr || end > MEM_MMIO_LIMIT)
+		return -1;
+	int rc = 0;
+	for (uint64_t p = (addr < 4 * GIB ? 4 * GIB : addr) & ~(2 * MIB - 1); p < end; p += 2 * MIB) {
+		volatile uint64_t *pd = page_dir(p / GIB);
+		if (!pd) {
+			rc = -1;
+			break;
+		}
+		pd[(p / (2 * MIB)) & 511] = p | PDE_2M | PDE_PCD_PWT;
+	}
+	uint64_t cr3;
+	__asm__ volatile("mov %%cr3, %0\n\tmov %0, %%cr3" : "=r"(cr3) : : "memory");
+	return rc;
 }

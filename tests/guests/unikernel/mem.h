@@ -13,4 +13,11 @@
  * or -1 when not given. */
 void mem_check(int64_t expect_mib);
 
+/* Identity-map [addr, addr+size) uncached (2 MiB pages), for MMIO such as
+ * PCI BARs above 4 GiB; page tables come from the same pool as the mem
+ * check's (RAM after the image). Below 4 GiB the boot tables already map it.
+ * 0 ok, -1 no RAM for page tables or beyond MEM_MMIO_LIMIT. */
+#define MEM_MMIO_LIMIT ((uint64_t)1 << 46) /* 64 TiB */
+int mem_map_mmio(uint64_t addr, uint64_t size);
+
 #endif
