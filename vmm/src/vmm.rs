@@ -365,7 +365,13 @@ fn build_drives(
     let mut entries = Vec::new();
     for (i, d) in ordered_drives(config).into_iter().enumerate() {
         let slot = PCI_FIRST_DEVICE_SLOT + i as u8;
-        let queues = usize::from(d.num_queues.unwrap_or(1));
+        // A managed backend serves what the drive asks (default 1); an
+        // external one says itself how many queues it has.
+        let queues = match (&d.socket, d.num_queues) {
+            (_, Some(n)) => usize::from(n),
+            (Some(_), None) => usize::from(crate::config::MAX_DRIVE_QUEUES),
+            (None, None) => 1,
+        };
         let (socket, process) = match (&d.socket, &d.path_on_host) {
             (Some(s), _) => (s.clone(), None),
             (None, Some(path)) => {

@@ -10,9 +10,13 @@ use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_
 
 /// virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u16 = 2;
-/// Size of `struct virtio_blk_config`.
-const CONFIG_LEN: u32 =
-    std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_config>() as u32;
+/// Bytes of `struct virtio_blk_config` tern reads: the virtio 1.1 layout,
+/// up to `write_zeroes_may_unmap` and its padding. Newer fields (secure
+/// erase, zoned) are not offered, and backends built against older headers
+/// (QEMU 7's qemu-storage-daemon) refuse a longer read.
+const CONFIG_LEN: u32 = 60;
+/// Offset of `num_queues` in `struct virtio_blk_config`.
+const NUM_QUEUES_OFFSET: usize = 34;
 /// Largest queue tern offers.
 const QUEUE_MAX: u16 = 256;
 /// Features tern's transport can carry: the device's own (bits 0-31, which
@@ -40,7 +44,14 @@ impl VhostUserBlk {
         process: Option<BackendProcess>,
     ) -> Result<Self, VhostUserError> {
         let mut handle = VhostUserHandle::connect(socket, max_queues)?;
-        let config = handle.get_config(CONFIG_LEN)?;
+        let mut config = handle.get_config(CONFIG_LEN)?;
+        // The config's num_queues must agree with the queues tern exposes
+        // (fewer when the drive asked for fewer than the backend serves).
+        if let Some(nq) = config.get_mut(NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2) {
+            let backend = u16::from_le_bytes([nq[0], nq[1]]);
+            let exposed = (handle.queue_num() as u16).min(backend.max(1));
+            nq.copy_from_slice(&exposed.to_le_bytes());
+        }
         handle.set_mem_table(mem)?;
         if handle.features() & VIRTIO_F_VERSION_1 == 0 {
             return Err(VhostUserError::Missing("VIRTIO_F_VERSION_1"));

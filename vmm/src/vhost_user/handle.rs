@@ -54,6 +54,12 @@ fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
     move |err| VhostUserError::Protocol { step, err }
 }
 
+/// VHOST_F_LOG_ALL: the backend logs every page it writes.
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// How long a backend may take to answer one message.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Connects, retrying briefly while the backend has bound its socket but
 /// not yet started listening.
 fn connect_with_retry(path: &Path) -> std::io::Result<UnixStream> {
@@ -117,6 +123,13 @@ impl VhostUserHandle {
             path: path.to_owned(),
             err,
         })?;
+        // A backend that stops answering mid-message must not hang tern.
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|err| VhostUserError::Connect {
+                path: path.to_owned(),
+                err,
+            })?;
         let monitor = stream.try_clone().map_err(|err| VhostUserError::Connect {
             path: path.to_owned(),
             err,
@@ -158,9 +171,13 @@ impl VhostUserHandle {
         &self.socket
     }
 
-    /// Virtio features the backend offers (the vhost-user protocol bit removed).
+    /// Virtio features the backend offers, without the vhost-user-only bits
+    /// (PROTOCOL_FEATURES, and LOG_ALL which tern sets itself for
+    /// migration): those are never offered to the guest.
     pub fn features(&self) -> u64 {
-        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.backend_features
+            & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            & !VHOST_F_LOG_ALL
     }
 
     /// Queues the backend serves.

@@ -74,7 +74,10 @@ impl MsixTable {
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let index = (offset / ENTRY_SIZE) as usize;
-        if index >= self.entries.len() || !(data.len() == 4 || data.len() == 8) || !offset.is_multiple_of(4) {
+        if index >= self.entries.len()
+            || !(data.len() == 4 || data.len() == 8)
+            || !offset.is_multiple_of(4)
+        {
             return;
         }
         let word = (offset % ENTRY_SIZE) / 4;
@@ -88,7 +91,10 @@ impl MsixTable {
     /// Writes the table; returns the vector whose entry changed.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<u16> {
         let index = (offset / ENTRY_SIZE) as usize;
-        if index >= self.entries.len() || !(data.len() == 4 || data.len() == 8) || !offset.is_multiple_of(4) {
+        if index >= self.entries.len()
+            || !(data.len() == 4 || data.len() == 8)
+            || !offset.is_multiple_of(4)
+        {
             return None;
         }
         let word = (offset % ENTRY_SIZE) / 4;

@@ -1,0 +1,425 @@
+//! `tern-blk`: a vhost-user virtio-blk backend serving one disk image (raw or
+//! qcow2) to one frontend (the tern VMM) over a Unix socket.
+//!
+//! Exit status: 0 after the frontend disconnected (or SIGINT/SIGTERM), 1 on
+//! a runtime failure, 2 on a usage or startup error (one line on stderr).
+
+mod backend;
+mod config;
+mod executor;
+mod metrics;
+mod request;
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use log::{debug, error, info, warn, LevelFilter};
+use tern_image::{DiskImage, Format};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BlkBackend, MAX_QUEUES};
+use crate::config::{BlkConfig, SECTOR_SIZE};
+use crate::executor::Executor;
+use crate::metrics::Metrics;
+use crate::request::ID_BYTES;
+
+/// Image format names accepted by `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// A plain disk image.
+    Raw,
+    /// A QEMU copy-on-write v2/v3 image.
+    Qcow2,
+}
+
+impl FormatArg {
+    fn to_format(self) -> Format {
+        match self {
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Qcow2 => Format::Qcow2,
+        }
+    }
+}
+
+/// vhost-user virtio-blk backend for tern.
+#[derive(Debug, Parser)]
+#[command(name = "tern-blk", version, about)]
+struct Args {
+    /// Path of the vhost-user Unix socket to listen on (created; removed on exit).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Disk image file (or block device).
+    #[arg(long, value_name = "FILE")]
+    image: PathBuf,
+    /// Image format; probed from the file when omitted.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes complete with IOERR.
+    #[arg(long)]
+    readonly: bool,
+    /// Number of request queues, each served by its own thread.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]
+    queues: u16,
+    /// Device serial returned by GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "", value_name = "ID")]
+    serial: String,
+    /// Open the image with O_DIRECT, bypassing the host page cache.
+    #[arg(long)]
+    direct: bool,
+    /// After the frontend disconnects, wait for the next one instead of exiting.
+    #[arg(long)]
+    keep_listening: bool,
+    /// Log level: off, error, warn, info, debug, trace.
+    #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
+    log_level: LevelFilter,
+}
+
+fn parse_level(s: &str) -> Result<LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("unknown log level {s:?} (off, error, warn, info, debug, trace)"))
+}
+
+/// Errors that stop `tern-blk` before it serves anything (exit status 2).
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    #[error("--serial is {0} bytes, at most 20 allowed")]
+    SerialTooLong(usize),
+    #[error("image {path}: {source}")]
+    ImageMissing { path: PathBuf, source: io::Error },
+    #[error("image {0}: not a regular file or block device")]
+    ImageNotAFile(PathBuf),
+    #[error("image {0}: the filesystem does not support O_DIRECT (drop --direct)")]
+    DirectUnsupported(PathBuf),
+    #[error("image {path}: cannot probe the format: {source}")]
+    Detect {
+        path: PathBuf,
+        source: tern_image::ImageError,
+    },
+    #[error("image {path}: cannot open as {format:?}: {source}")]
+    Open {
+        path: PathBuf,
+        format: FormatArg,
+        source: tern_image::ImageError,
+    },
+    #[error("socket {0}: in use by a running process")]
+    SocketInUse(PathBuf),
+    #[error("socket {0}: exists and is not a socket")]
+    SocketNotASocket(PathBuf),
+    #[error("socket {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("socket {path}: cannot listen: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+}
+
+/// Errors while serving (exit status 1).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    Logger::init(args.log_level);
+    let setup = match Setup::new(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tern-blk: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = setup.metrics.clone();
+    let code = match setup.serve() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
+        }
+    };
+    info!("exiting; {metrics}");
+    code
+}
+
+/// Everything opened and checked before serving.
+struct Setup {
+    image: Arc<dyn DiskImage>,
+    config: BlkConfig,
+    listener: Listener,
+    args_serial: String,
+    read_only: bool,
+    direct: bool,
+    keep_listening: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Setup {
+    fn new(args: &Args) -> Result<Self, StartupError> {
+        if args.serial.len() > ID_BYTES as usize {
+            return Err(StartupError::SerialTooLong(args.serial.len()));
+        }
+        let image = open_image(args)?;
+        let size = image.size();
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            warn!(
+                "image size {size} is not a multiple of 512; the last {} bytes are not visible",
+                size % SECTOR_SIZE
+            );
+        }
+        let config = BlkConfig::new(size, args.queues);
+        let read_only = args.readonly || image.is_read_only();
+
+        // Block the signals we handle before any thread exists, so every
+        // thread inherits the mask and only the signal thread receives them.
+        let signals = Signals::block().map_err(StartupError::Signals)?;
+        let listener = listen(&args.socket)?;
+        signals
+            .spawn_handler(args.socket.clone())
+            .map_err(StartupError::Signals)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics::set_global(metrics.clone());
+        info!(
+            "serving {} ({} sectors, {} queue(s){}) on {}",
+            args.image.display(),
+            config.capacity,
+            args.queues,
+            if read_only { ", read-only" } else { "" },
+            args.socket.display()
+        );
+        Ok(Setup {
+            image,
+            config,
+            listener,
+            args_serial: args.serial.clone(),
+            read_only,
+            direct: args.direct,
+            keep_listening: args.keep_listening,
+            metrics,
+        })
+    }
+
+    /// Serve frontend connections: one, or one after another with `--keep-listening`.
+    fn serve(mut self) -> Result<(), RunError> {
+        loop {
+            // A fresh device per connection: no vring state leaks into the next frontend.
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let executor = Executor::new(
+                self.image.clone(),
+                &self.args_serial,
+                self.read_only,
+                self.direct,
+                self.metrics.clone(),
+            );
+            let backend = Arc::new(BlkBackend::new(
+                self.config,
+                executor,
+                mem.clone(),
+                self.metrics.clone(),
+            ));
+            let mut daemon = VhostUserDaemon::new("tern-blk".to_string(), backend.clone(), mem)
+                .map_err(RunError::Daemon)?;
+            daemon.start(&mut self.listener).map_err(RunError::Daemon)?;
+            debug!("connection accepted");
+            let result = daemon.wait();
+            // Dropping the daemon stops and joins the queue workers.
+            drop(daemon);
+            if !backend.was_contacted() {
+                debug!("connection closed before negotiating: a probe, still listening");
+                continue;
+            }
+            match result {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => info!("frontend disconnected"),
+                Err(e) => warn!("connection ended: {e}"),
+            }
+            if !self.keep_listening {
+                return Ok(());
+            }
+            info!("waiting for the next frontend; {}", self.metrics);
+        }
+    }
+}
+
+/// Check and open the image.
+fn open_image(args: &Args) -> Result<Arc<dyn DiskImage>, StartupError> {
+    let path = &args.image;
+    let meta = std::fs::metadata(path).map_err(|source| StartupError::ImageMissing {
+        path: path.clone(),
+        source,
+    })?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(StartupError::ImageNotAFile(path.clone()));
+    }
+    if args.direct {
+        // Probe O_DIRECT ourselves so its refusal gets a clear message.
+        if let Err(e) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            return Err(if e.raw_os_error() == Some(libc::EINVAL) {
+                StartupError::DirectUnsupported(path.clone())
+            } else {
+                StartupError::ImageMissing {
+                    path: path.clone(),
+                    source: e,
+                }
+            });
+        }
+    }
+    let format = match args.format {
+        Some(f) => f,
+        None => {
+            let f = tern_image::detect(path).map_err(|source| StartupError::Detect {
+                path: path.clone(),
+                source,
+            })?;
+            let f = match f {
+                Format::Raw => FormatArg::Raw,
+                Format::Qcow2 => FormatArg::Qcow2,
+            };
+            info!("probed image format: {f:?} (pass --format to skip probing)");
+            f
+        }
+    };
+    let image = tern_image::open(path, format.to_format(), args.readonly, args.direct).map_err(
+        |source| StartupError::Open {
+            path: path.clone(),
+            format,
+            source,
+        },
+    )?;
+    Ok(Arc::from(image))
+}
+
+/// Create the listening socket, replacing a stale one but never a live one.
+fn listen(path: &Path) -> Result<Listener, StartupError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(StartupError::SocketInUse(path.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("removing stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(|source| StartupError::Socket {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(StartupError::Socket {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        },
+        Ok(_) => return Err(StartupError::SocketNotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StartupError::Socket {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    Listener::new(path, false).map_err(|source| StartupError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// SIGINT/SIGTERM (exit, removing the socket) and SIGUSR1 (log metrics),
+/// received synchronously by a dedicated thread.
+struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    fn block() -> io::Result<Self> {
+        // SAFETY: sigemptyset/sigaddset only write the local set; pthread_sigmask
+        // reads it and changes this thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+                libc::sigaddset(&mut set, sig);
+            }
+            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            Ok(Signals { set })
+        }
+    }
+
+    fn spawn_handler(self, socket: PathBuf) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `self.set` is an initialised signal set and `sig` a valid out pointer.
+                let r = unsafe { libc::sigwait(&self.set, &mut sig) };
+                if r != 0 {
+                    continue;
+                }
+                if sig == libc::SIGUSR1 {
+                    if let Some(m) = metrics::global() {
+                        info!("{m}");
+                    }
+                    continue;
+                }
+                info!("signal {sig}: shutting down");
+                let _ = std::fs::remove_file(&socket);
+                if let Some(m) = metrics::global() {
+                    info!("exiting; {m}");
+                }
+                std::process::exit(0);
+            })
+            .map(|_| ())
+    }
+}
+
+/// A minimal stderr logger (`tern-blk: LEVEL: message`).
+struct Logger;
+
+impl Logger {
+    fn init(level: LevelFilter) {
+        static LOGGER: Logger = Logger;
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(level);
+        }
+    }
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let _ = writeln!(
+                io::stderr().lock(),
+                "tern-blk: {}: {}",
+                record.level(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
