@@ -668,3 +668,126 @@ fn ternctl_drives_a_vm() {
         String::from_utf8_lossy(&missing.stderr).contains("cannot connect to /nonexistent.sock")
     );
 }
+
+#[test]
+fn drives_through_the_api_and_a_backend_killed_during_io() {
+    let t = Tern::start("drives", &[]);
+    let dir = t._dir.0.clone();
+    // A managed drive (tern starts tern-blk) and an external one (the test does).
+    let managed = dir.join("managed.raw");
+    std::fs::File::create(&managed)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let external = dir.join("external.raw");
+    std::fs::File::create(&external)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let sock = dir.join("ext.sock");
+    let mut backend = Command::new(tern_bin().with_file_name("tern-blk"))
+        .args([
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            external.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    t.wait_for(|| sock.exists(), "tern-blk's socket");
+
+    t.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+        204,
+    );
+    let d0 = serde_json::json!({ "path_on_host": managed, "is_root_device": true }).to_string();
+    t.call("PUT", "/drives/root", Some(&d0), 204);
+    let d1 = serde_json::json!({ "socket": sock }).to_string();
+    t.call("PUT", "/drives/ext", Some(&d1), 204);
+    t.refused(
+        "PUT",
+        "/drives/bad",
+        Some(r#"{"path_on_host": "/nonexistent.img"}"#),
+        400,
+        "/nonexistent.img",
+    );
+    t.refused(
+        "PUT",
+        "/drives/x",
+        Some(r#"{"drive_id": "y", "socket": "/s"}"#),
+        400,
+        "does not match",
+    );
+    let config = t.call("GET", "/vm/config", None, 200);
+    assert_eq!(
+        config["drives"].as_array().map(Vec::len),
+        Some(2),
+        "{config}"
+    );
+    let boot = serde_json::json!({ "kernel_image_path": UNIKERNEL, "boot_args": "checks=blk blkpattern=1 action=heartbeat period=20" }).to_string();
+    t.call("PUT", "/boot-source", Some(&boot), 204);
+    t.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        204,
+    );
+
+    let devices = t.call("GET", "/devices", None, 200);
+    let find = |v: &serde_json::Value, id: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let root = find(&devices, "root");
+    assert_eq!(root["kind"], "virtio-blk", "{devices}");
+    assert_eq!(
+        root["pci_address"], "0000:00:01.0",
+        "the root drive takes the first slot: {devices}"
+    );
+    assert!(
+        root["backend_pid"].as_u64().is_some(),
+        "managed backend pid: {devices}"
+    );
+    assert_eq!(find(&devices, "ext")["pci_address"], "0000:00:02.0");
+    assert_eq!(find(&devices, "ext")["state"], "attached");
+    t.refused(
+        "PUT",
+        "/drives/late",
+        Some(&d1),
+        400,
+        "after the VM started",
+    );
+
+    // Kill the external backend while the guest is doing I/O on the disks.
+    t.wait_for(
+        || t.output().contains("BLK sum"),
+        "the guest's first disk reads",
+    );
+    backend.kill().unwrap();
+    let _ = backend.wait();
+    t.wait_for(
+        || find(&t.call("GET", "/devices", None, 200), "ext")["state"] == "disconnected",
+        "the drive to show disconnected",
+    );
+    assert_eq!(
+        find(&t.call("GET", "/devices", None, 200), "root")["state"],
+        "attached"
+    );
+    // The guest sees its requests to that disk fail (time out), goes on, and
+    // tern keeps running and answering.
+    t.wait_for(|| t.heartbeat() >= 3, "heartbeats after the backend died");
+    assert!(
+        t.output().contains("CHECK FAIL"),
+        "the guest noticed the dead disk:\n{}",
+        t.output()
+    );
+    assert_eq!(t.call("GET", "/", None, 200)["state"], "Running");
+}

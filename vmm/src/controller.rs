@@ -225,6 +225,12 @@ fn handle_runtime(vmm: &mut Vmm, request: ApiRequest) -> Result<ApiResponse, Api
                 "boot-source cannot be changed after the VM started",
             ))
         }
+        ApiRequest::PutDrive(d) => {
+            return Err(ApiError::bad_request(format!(
+                "drives: {} cannot be added or changed after the VM started (hot plug is not supported yet)",
+                d.drive_id
+            )))
+        }
         ApiRequest::Action(ActionType::InstanceStart) => {
             return Err(ApiError::bad_request(
                 "InstanceStart: the VM is already started",

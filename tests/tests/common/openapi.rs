@@ -106,6 +106,16 @@ fn normalise(path: &str) -> &str {
     }
 }
 
+/// Whether `path` is an instance of the spec's path `template`
+/// (`/drives/{drive_id}` matches `/drives/d0`).
+fn template_matches(template: &str, path: &str) -> bool {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    t.len() == p.len()
+        && t.iter()
+            .zip(&p)
+            .all(|(t, p)| (t.starts_with('{') && t.ends_with('}') && !p.is_empty()) || t == p)
+}
+
 /// The response object the spec documents for this request and status.
 fn documented_response(method: &str, path: &str, status: u16) -> Result<&'static Value, String> {
     let path = normalise(path);
@@ -115,7 +125,18 @@ fn documented_response(method: &str, path: &str, status: u16) -> Result<&'static
             .and_then(|r| r.get(name))
             .ok_or_else(|| format!("the spec has no components/responses/{name}"))
     };
-    let Some(item) = spec().get("paths").and_then(|p| p.get(path)) else {
+    let item = spec()
+        .get("paths")
+        .and_then(Value::as_object)
+        .and_then(|paths| {
+            paths.get(path).or_else(|| {
+                paths
+                    .iter()
+                    .find(|(t, _)| template_matches(t, path))
+                    .map(|(_, v)| v)
+            })
+        });
+    let Some(item) = item else {
         return match status {
             404 => component("NotFound"),
             _ => Err(format!(
