@@ -21,27 +21,29 @@ clearcpuid=cx16,xsave,popcnt,smap,smep,fsgsbase,pcid,invpcid,rdrand,rdseed,lfenc
 
 const DEADLINE: Duration = Duration::from_secs(20 * 60);
 
-fn boot(kernel: &str, cpus: u32) -> Run {
+fn boot(kernel: &str, cpus: u32, drives: &[String]) -> Run {
     require_kvm();
     let kit = guest_dir();
     let initrd = uncompressed_initramfs(&kit);
     let kernel = kit.join(kernel);
     let cpus = cpus.to_string();
-    let run = tern(
-        &[
-            "--kernel",
-            path(&kernel),
-            "--initrd",
-            path(&initrd),
-            "--memory",
-            "6144",
-            "--cpus",
-            &cpus,
-            "--cmdline",
-            PVM_CMDLINE,
-        ],
-        DEADLINE,
-    );
+    let mut args = vec![
+        "--kernel",
+        path(&kernel),
+        "--initrd",
+        path(&initrd),
+        "--memory",
+        "6144",
+        "--cpus",
+        &cpus,
+        "--cmdline",
+        PVM_CMDLINE,
+    ];
+    for d in drives {
+        args.push("--drive");
+        args.push(d);
+    }
+    let run = tern(&args, DEADLINE);
     eprintln!(
         "{} booted to its end in {:?}",
         kernel.display(),
@@ -148,17 +150,75 @@ fn assert_machine_as_linux_sees_it(run: &Run) {
     }
 }
 
+/// Three disks for the kernel to find: a raw one with an MBR partition
+/// table (its partition scan reads through tern-blk), a plain raw one and a
+/// qcow2 one.
+fn disks(dir: &Path) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let d0 = dir.join("d0.raw");
+    let f = std::fs::File::create(&d0).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let mut mbr = [0u8; 512];
+    // Partition 1: Linux (0x83), LBA 2048 to the end.
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&(131_072u32 - 2048).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    std::os::unix::fs::FileExt::write_all_at(&f, &mbr, 0).unwrap();
+    let d1 = dir.join("d1.raw");
+    std::fs::File::create(&d1)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let d2 = dir.join("d2.qcow2");
+    let _ = std::fs::remove_file(&d2);
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", path(&d2), "48M"])
+        .output()
+        .expect("qemu-img (qemu-utils)");
+    assert!(out.status.success(), "{out:?}");
+    vec![
+        format!("path={}", d0.display()),
+        format!("path={}", d1.display()),
+        format!("path={},format=qcow2", d2.display()),
+    ]
+}
+
 #[test]
-fn linux_pvh_vmlinux_6g_two_vcpus() {
-    let run = boot("vmlinux", 2);
+fn linux_pvh_vmlinux_6g_two_vcpus_three_disks() {
+    let dir = std::env::temp_dir().join(format!("tern-linux-disks-{}", std::process::id()));
+    let run = boot("vmlinux", 2, &disks(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
     assert_machine_as_linux_sees_it(&run);
     assert_has(&run, "smp: Brought up 1 node, 2 CPUs");
     assert_has(&run, "ACPI: Added _OSI");
+    // The disks as Linux sees them: virtio-pci functions in slot order, their
+    // sizes from tern-blk's config, and a partition table read through it.
+    for slot in 1..=3 {
+        assert_has(
+            &run,
+            &format!("pci 0000:00:0{slot}.0: [1af4:1042] type 00 class 0x018000"),
+        );
+    }
+    assert_has(
+        &run,
+        "[vda] 131072 512-byte logical blocks (67.1 MB/64.0 MiB)",
+    );
+    assert_has(&run, " vda: vda1");
+    assert_has(
+        &run,
+        "[vdb] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)",
+    );
+    assert_has(
+        &run,
+        "[vdc] 98304 512-byte logical blocks (50.3 MB/48.0 MiB)",
+    );
 }
 
 #[test]
 fn linux_bzimage_6g() {
-    let run = boot("bzImage", 1);
+    let run = boot("bzImage", 1, &[]);
     assert_machine_as_linux_sees_it(&run);
     assert_has(&run, "smp: Brought up 1 node, 1 CPU");
 }
