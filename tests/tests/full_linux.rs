@@ -127,3 +127,29 @@ fn hardware_kvm_console_input_reaches_the_shell() {
     );
     assert_eq!(status.code(), Some(0), "{seen}\n{err}");
 }
+
+#[test]
+fn hardware_kvm_boots_from_the_rootfs_disk() {
+    if !hardware_kvm_or_say_so("boots_from_the_rootfs_disk") {
+        return;
+    }
+    let kit = guest_dir();
+    let drive = format!("path={},root=on,ro=on", kit.join("rootfs.ext4").display());
+    // No initrd: the kernel mounts /dev/vda (tern adds root=/dev/vda ro).
+    let run = tern(
+        &[
+            "--kernel",
+            kit.join("vmlinux").to_str().unwrap(),
+            "--memory",
+            "512",
+            "--drive",
+            &drive,
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet run=\"cat /proc/mounts\"",
+        ],
+        DEADLINE,
+    );
+    assert!(run.stdout.contains("GUEST-READY"), "{run}");
+    assert!(run.stdout.contains("/dev/root / ext4 ro") || run.stdout.contains("/dev/vda / ext4 ro"), "{run}");
+    assert_eq!(run.code(), 0, "{run}");
+}
