@@ -150,6 +150,9 @@ fn hardware_kvm_boots_from_the_rootfs_disk() {
         DEADLINE,
     );
     assert!(run.stdout.contains("GUEST-READY"), "{run}");
-    assert!(run.stdout.contains("/dev/root / ext4 ro") || run.stdout.contains("/dev/vda / ext4 ro"), "{run}");
+    assert!(
+        run.stdout.contains("/dev/root / ext4 ro") || run.stdout.contains("/dev/vda / ext4 ro"),
+        "{run}"
+    );
     assert_eq!(run.code(), 0, "{run}");
 }

@@ -52,6 +52,7 @@ int memmap_is_ram(uint64_t addr, uint64_t len)
 
 static struct {
 	int check_pci, check_acpi, check_smp, check_mem, check_blk;
+	int blk_passes;
 	struct blk_opts blk;
 	char action[32];
 	uint8_t code;
@@ -239,6 +240,12 @@ static void parse_cmdline(void)
 				cfg.blk.write = (int)m;
 			else
 				cfg.blk.pattern = (int)m;
+		} else if (word_eq(w, kn, "blkpasses")) {
+			int64_t m = parse_num(v, vn);
+			if (m < 1 || m > 16)
+				check_fail("bad blkpasses= value");
+			else
+				cfg.blk_passes = (int)m;
 		} else if (word_eq(w, kn, "blkbar")) {
 			uint64_t b = parse_addr(v, vn);
 			if (b == 0 || (b & 0xfff))
@@ -311,8 +318,12 @@ void kmain(uint32_t info_paddr, uint32_t protocol)
 				   memmap_entries);
 		mem_check(cfg.mem);
 	}
-	if (cfg.check_blk)
+	/* Each pass resets and re-initialises every device (blkpasses=N). */
+	for (int pass = 0; cfg.check_blk && pass < (cfg.blk_passes ? cfg.blk_passes : 1); pass++) {
+		if (pass)
+			kprintf("BLK pass %d\n", pass + 1);
 		blk_check(&cfg.blk);
+	}
 
 	if (check_failures == 0)
 		kprintf("RESULT pass\n");
