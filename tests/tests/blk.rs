@@ -363,3 +363,77 @@ fn the_driver_can_reset_and_reinitialise_the_device() {
         "{run}"
     );
 }
+
+#[test]
+fn a_restarted_external_backend_is_reconnected_and_io_resumes() {
+    let dir = Scratch::new("reconnect");
+    let img = dir.path("re.raw");
+    raw_image(&img, 16);
+    let sock = dir.path("re.sock");
+    let mut first = external_backend(&img, &sock);
+    require_kvm();
+    let spec = format!("socket={}", sock.display());
+    let mut child = Command::new(tern_bin())
+        .args(["--kernel", UNIKERNEL, "--memory", "64", "--drive", &spec])
+        .args([
+            "--cmdline",
+            "checks=blk blkwrite=1 blkpasses=3 action=exit code=6",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Follow the console; when the guest is busy with the disk, kill the
+    // backend and start a new one on the same socket.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = String::new();
+    let mut second = None;
+    let mut sums = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) => {
+                seen.push_str(&l);
+                seen.push('\n');
+                // Pass 2 has read its checksum and is writing the pattern.
+                sums += usize::from(l.starts_with("BLK sum"));
+                if second.is_none() && sums == 2 {
+                    first.kill().unwrap();
+                    let _ = first.wait();
+                    let _ = std::fs::remove_file(&sock);
+                    second = Some(external_backend(&img, &sock));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) => assert!(std::time::Instant::now() < deadline, "no end:\n{seen}"),
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        second.is_some(),
+        "the guest never reached pass 2's I/O:\n{seen}"
+    );
+    assert!(err.contains("backend reconnected"), "{err}");
+    assert!(seen.contains("BLK pass 3"), "{seen}");
+    assert!(
+        seen.contains("RESULT pass"),
+        "I/O resumed without errors after the restart:\n{seen}\n{err}"
+    );
+    assert_eq!(status.code(), Some(13), "{seen}\n{err}");
+    if let Some(mut s) = second {
+        let _ = s.wait();
+    }
+}

@@ -225,6 +225,7 @@ impl Vmm {
         for v in vcpus {
             vcpu_threads.push(v.start()?);
         }
+        spawn_reconnector(&virtio);
         let boot_duration = started.elapsed();
         log::debug!("VM built and started in {boot_duration:?}");
         Ok(Self {
@@ -326,6 +327,32 @@ type Built = (
     Arc<VcpuControl>,
     Arc<ExitCounters>,
 );
+
+/// How often devices whose backend went away look for a new one.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Watches the vhost-user devices: one whose backend went away reconnects
+/// when a backend listens on its socket again (a restarted external
+/// backend), and its queues resume where the guest left them.
+fn spawn_reconnector(virtio: &[VirtioEntry]) {
+    if virtio.is_empty() {
+        return;
+    }
+    let devices: Vec<std::sync::Weak<Mutex<VirtioPciDevice>>> =
+        virtio.iter().map(|v| Arc::downgrade(&v.device)).collect();
+    let _ = std::thread::Builder::new()
+        .name("vhost-reconnect".into())
+        .spawn(move || loop {
+            std::thread::sleep(RECONNECT_INTERVAL);
+            for d in &devices {
+                let Some(d) = d.upgrade() else { return };
+                let mut dev = lock(&d);
+                if dev.state() == "disconnected" {
+                    dev.try_reconnect();
+                }
+            }
+        });
+}
 
 /// The drives, root device first.
 fn ordered_drives(config: &VmConfig) -> Vec<&DriveConfig> {

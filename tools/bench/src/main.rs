@@ -2,6 +2,7 @@
 //! uses outside guest RAM. See tools/bench/README.md.
 
 mod api;
+mod blk;
 mod http;
 mod report;
 mod run;
@@ -75,6 +76,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
                 }
             };
         }
+        Some("blk") => return blk::main(it),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return Ok(());

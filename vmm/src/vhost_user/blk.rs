@@ -131,11 +131,45 @@ impl VirtioDevice for VhostUserBlk {
                 used: q.used,
                 kick: q.kick,
                 call: q.call,
+                base: q.base,
             })
             .collect();
         self.handle
             .start(mem, features, &vrings)
             .map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+
+    fn reconnect(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        active: Option<(u64, &[ActiveQueue])>,
+    ) -> Result<bool, ActivateError> {
+        if !self.handle.is_gone() {
+            return Ok(false);
+        }
+        let socket = self.handle.socket().to_owned();
+        let handle = match VhostUserHandle::try_connect(&socket, self.handle.queue_num()) {
+            Ok(h) => h,
+            // Nobody listening yet: try again later.
+            Err(VhostUserError::Connect { .. }) => return Ok(false),
+            Err(e) => return Err(ActivateError::Backend(e.to_string())),
+        };
+        let err = |e: VhostUserError| ActivateError::Backend(e.to_string());
+        if handle.features() & self.features != self.features
+            || handle.queue_num() < self.handle.queue_num()
+        {
+            return Err(ActivateError::Backend(format!(
+                "the backend at {} now offers different features or fewer queues",
+                socket.display()
+            )));
+        }
+        handle.set_mem_table(mem).map_err(err)?;
+        self.handle = handle;
+        if let Some((features, queues)) = active {
+            self.activate(mem, features, queues)?;
+        }
+        log::info!("vhost-user-blk {}: backend reconnected", socket.display());
+        Ok(true)
     }
 
     fn reset(&mut self) {

@@ -101,6 +101,10 @@ pub struct VringSetup<'a> {
     pub kick: &'a EventFd,
     /// Call eventfd (an irqfd, or tern's INTx relay).
     pub call: &'a EventFd,
+    /// Next avail index to process: 0 for a fresh ring; the ring's used
+    /// index when a restarted backend takes over a running ring (requests
+    /// the old one took but did not complete are processed again).
+    pub base: u16,
 }
 
 /// A connected backend.
@@ -119,7 +123,21 @@ impl VhostUserHandle {
     /// Connects and negotiates: owner, features, protocol features, queue
     /// count (at most `max_queues`).
     pub fn connect(path: &Path, max_queues: usize) -> Result<Self, VhostUserError> {
-        let stream = connect_with_retry(path).map_err(|err| VhostUserError::Connect {
+        Self::connect_stream(path, max_queues, connect_with_retry(path))
+    }
+
+    /// Connects once, without waiting for a backend that is not listening
+    /// (for reconnect attempts).
+    pub fn try_connect(path: &Path, max_queues: usize) -> Result<Self, VhostUserError> {
+        Self::connect_stream(path, max_queues, UnixStream::connect(path))
+    }
+
+    fn connect_stream(
+        path: &Path,
+        max_queues: usize,
+        stream: std::io::Result<UnixStream>,
+    ) -> Result<Self, VhostUserError> {
+        let stream = stream.map_err(|err| VhostUserError::Connect {
             path: path.to_owned(),
             err,
         })?;
@@ -271,7 +289,7 @@ impl VhostUserHandle {
                 .set_vring_addr(v.index, &config)
                 .map_err(step("SET_VRING_ADDR"))?;
             self.frontend
-                .set_vring_base(v.index, 0)
+                .set_vring_base(v.index, v.base)
                 .map_err(step("SET_VRING_BASE"))?;
             self.frontend
                 .set_vring_call(v.index, v.call)

@@ -29,6 +29,8 @@ pub struct ActiveQueue<'a> {
     pub kick: &'a EventFd,
     /// To be signalled when the device used buffers.
     pub call: &'a EventFd,
+    /// Next avail index the device should process (0 on activation).
+    pub base: u16,
 }
 
 /// Errors activating a device.
@@ -64,6 +66,17 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// `attached`, or `disconnected` when the backend went away.
     fn state(&self) -> &'static str;
+    /// If the device's backend went away and a new one listens, connects
+    /// to it and, when the driver had the device running (`active`: the
+    /// acked features and the queues, with their bases), restarts the rings.
+    /// Returns whether it reconnected.
+    fn reconnect(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _active: Option<(u64, &[ActiveQueue])>,
+    ) -> Result<bool, ActivateError> {
+        Ok(false)
+    }
     /// Who serves the device (a backend socket), for `GET /devices`.
     fn backend(&self) -> Option<String> {
         None

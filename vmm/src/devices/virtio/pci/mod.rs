@@ -258,6 +258,56 @@ impl VirtioPciDevice {
         Ok(dev)
     }
 
+    /// Reconnects a device whose backend went away, if a new backend
+    /// listens; a running device's rings resume at their used index.
+    pub fn try_reconnect(&mut self) -> bool {
+        let running = self.common.status & status::DRIVER_OK != 0
+            && self.common.status & status::DEVICE_NEEDS_RESET == 0;
+        let mem = self.env.mem.clone();
+        let used_idx = |used: u64| {
+            use vm_memory::Bytes;
+            mem.read_obj::<u16>(vm_memory::GuestAddress(used + 2))
+                .unwrap_or(0)
+        };
+        let queues: Vec<ActiveQueue> = self
+            .common
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.enabled)
+            .map(|(i, q)| ActiveQueue {
+                index: i,
+                size: q.size,
+                max_size: q.max_size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: &self.kicks[i],
+                call: &self.calls[i],
+                base: used_idx(q.used),
+            })
+            .collect();
+        let active = running.then_some((self.common.driver_features, queues.as_slice()));
+        match self.device.reconnect(&self.env.mem, active) {
+            Ok(done) => {
+                if done && running {
+                    // Wake the new backend for anything queued meanwhile.
+                    for k in &self.kicks {
+                        let _ = k.write(1);
+                    }
+                }
+                done
+            }
+            Err(e) => {
+                log::warn!(
+                    "virtio device {:#x}: reconnect failed: {e}",
+                    self.device.device_type()
+                );
+                false
+            }
+        }
+    }
+
     /// The device's state for `GET /devices`.
     pub fn state(&self) -> &'static str {
         self.device.state()
@@ -346,6 +396,7 @@ impl VirtioPciDevice {
                 used: q.used,
                 kick: &self.kicks[i],
                 call: &self.calls[i],
+                base: 0,
             })
             .collect();
         let result = wiring.and_then(|()| {
@@ -355,11 +406,20 @@ impl VirtioPciDevice {
         });
         drop(queues);
         if let Err(e) = result {
-            log::error!(
-                "virtio device {:#x} failed to activate: {e}",
-                self.device.device_type()
-            );
-            self.common.status |= status::DEVICE_NEEDS_RESET;
+            if self.device.state() == "disconnected" {
+                // The backend is gone: keep the driver's setup; the device
+                // starts when a backend reconnects (try_reconnect).
+                log::warn!(
+                    "virtio device {:#x}: backend gone at DRIVER_OK, waiting for it: {e}",
+                    self.device.device_type()
+                );
+            } else {
+                log::error!(
+                    "virtio device {:#x} failed to activate: {e}",
+                    self.device.device_type()
+                );
+                self.common.status |= status::DEVICE_NEEDS_RESET;
+            }
         }
     }
 
