@@ -420,6 +420,9 @@ fn a_restarted_external_backend_is_reconnected_and_io_resumes() {
         }
     }
     let status = child.wait().unwrap();
+    // Already reaped when it was replaced; otherwise end it here.
+    let _ = first.kill();
+    let _ = first.wait();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(
