@@ -1,11 +1,13 @@
 //! The vhost-user device: features, configuration space and the per-queue
 //! request loop, plugged into `vhost-user-backend`'s daemon.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -15,17 +17,18 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::aio::{Finished, MemSnapshot, QueueAio};
 use crate::config::{BlkConfig, MAX_QUEUE_SIZE};
 use crate::executor::Executor;
 use crate::metrics::Metrics;
-use crate::request::Limits;
+use crate::request::{self, Limits, RequestType};
 
 /// Dirty-page bitmap of guest memory: real `VHOST_USER_SET_LOG_BASE` logging.
 pub type MemBitmap = BitmapMmapRegion;
@@ -49,6 +52,18 @@ pub struct BlkBackend {
     executor: Executor,
     metrics: Arc<Metrics>,
     contacted: AtomicBool,
+    /// Per queue (= per worker thread): its io_uring, when enabled.
+    aio: Vec<Mutex<AioQueue>>,
+}
+
+/// The asynchronous state of one queue.
+#[derive(Default)]
+struct AioQueue {
+    aio: Option<QueueAio>,
+    /// The queue's vring, remembered at the first kick (for `stop_vring`).
+    vring: Option<Vring>,
+    /// Chains were left in the avail ring for lack of ring slots.
+    throttled: bool,
 }
 
 impl BlkBackend {
@@ -71,7 +86,61 @@ impl BlkBackend {
             executor,
             metrics,
             contacted: AtomicBool::new(false),
+            aio: (0..config.num_queues)
+                .map(|_| Mutex::new(AioQueue::default()))
+                .collect(),
         }
+    }
+
+    /// Serve reads, writes and flushes of a raw image asynchronously through
+    /// one io_uring per queue on `file` (the image file opened like the
+    /// image: read-only or not, O_DIRECT when `direct`). If io_uring cannot
+    /// be set up, logs one line and keeps the synchronous path.
+    pub fn with_io_uring(self, file: Arc<File>, direct: bool) -> Self {
+        for (i, q) in self.aio.iter().enumerate() {
+            match QueueAio::new(
+                file.clone(),
+                u32::from(MAX_QUEUE_SIZE),
+                direct,
+                self.metrics.clone(),
+            ) {
+                Ok(aio) => lock(q).aio = Some(aio),
+                Err(e) => {
+                    info!("io_uring unavailable ({e}); using synchronous I/O");
+                    for q in &self.aio[..i] {
+                        lock(q).aio = None;
+                    }
+                    break;
+                }
+            }
+        }
+        self
+    }
+
+    /// The `data` of the worker epoll listener for io_uring completions:
+    /// above the range `vhost-user-backend` reserves for queues and its exit event.
+    pub fn completion_event(&self) -> u16 {
+        self.num_queues + 1
+    }
+
+    /// The completion eventfd of worker thread `thread`, if it uses io_uring.
+    pub fn completion_fd(&self, thread: usize) -> Option<RawFd> {
+        self.aio
+            .get(thread)
+            .and_then(|q| lock(q).aio.as_ref().map(QueueAio::event_fd))
+    }
+
+    /// Go back to synchronous I/O on worker thread `thread` (its completion
+    /// eventfd could not be watched).
+    pub fn disable_io_uring(&self, thread: usize) {
+        if let Some(q) = self.aio.get(thread) {
+            lock(q).aio = None;
+        }
+    }
+
+    /// Whether worker thread `thread` uses io_uring.
+    pub fn uses_io_uring(&self, thread: usize) -> bool {
+        self.completion_fd(thread).is_some()
     }
 
     /// Whether the peer negotiated anything (asked for features, protocol
@@ -154,6 +223,177 @@ impl BlkBackend {
     }
 }
 
+impl BlkBackend {
+    /// A kick on an io_uring queue: start every available request.
+    fn kick_async(&self, vring: &Vring, q: &mut AioQueue) {
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                if let Err(e) = vring.disable_notification() {
+                    debug!("cannot disable notifications: {e}");
+                    Metrics::add(&self.metrics.queue_errors, 1);
+                }
+                self.process_queue_async(vring, q);
+                if q.throttled {
+                    // Resumed by a completion; no need for kicks meanwhile.
+                    break;
+                }
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        debug!("cannot enable notifications: {e}");
+                        Metrics::add(&self.metrics.queue_errors, 1);
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.process_queue_async(vring, q);
+        }
+    }
+
+    /// Pop the available chains (as many as the ring has room for), submit
+    /// reads/writes/flushes to the ring, run the rest synchronously, and
+    /// complete whatever has finished.
+    fn process_queue_async(&self, vring: &Vring, q: &mut AioQueue) {
+        let Some(aio) = q.aio.as_mut() else { return };
+        let mem: MemSnapshot = self.mem.memory().into_inner();
+        loop {
+            let room = aio.room();
+            if room == 0 {
+                q.throttled = true;
+                return;
+            }
+            let chains: Vec<_> = {
+                let mut state = vring.get_mut();
+                match state.get_queue_mut().iter(mem.clone()) {
+                    Ok(iter) => iter.take(room).collect(),
+                    Err(e) => {
+                        debug!("cannot read the available ring: {e}");
+                        Metrics::add(&self.metrics.queue_errors, 1);
+                        return;
+                    }
+                }
+            };
+            if chains.is_empty() {
+                return;
+            }
+            let mut done = Vec::new();
+            let mut finished = Vec::new();
+            for chain in chains {
+                let head = chain.head_index();
+                let req = match request::parse(chain, &self.limits) {
+                    Ok(req) => req,
+                    Err(rej) => {
+                        done.push((head, self.executor.reject(&*mem, rej)));
+                        continue;
+                    }
+                };
+                let queued = match req.kind {
+                    RequestType::In => aio.submit_rw(&mem, head, &req, false),
+                    RequestType::Out if !self.read_only => aio.submit_rw(&mem, head, &req, true),
+                    RequestType::Flush => aio.submit_flush(&mem, head, &req),
+                    RequestType::Discard | RequestType::WriteZeroes => {
+                        // Run after everything submitted before has finished.
+                        aio.wait_all(&mut finished);
+                        false
+                    }
+                    _ => false,
+                };
+                if queued {
+                    self.metrics.count_request(req.kind);
+                } else {
+                    done.push((head, self.executor.execute_and_finish(&*mem, &req)));
+                }
+            }
+            aio.submit();
+            aio.reap(&mut finished);
+            self.complete(vring, finished, done, false);
+        }
+    }
+
+    /// io_uring completions arrived for worker `thread`.
+    fn handle_completions(&self, thread: usize) {
+        let Some(q) = self.aio.get(thread) else {
+            return;
+        };
+        let mut q = lock(q);
+        let q = &mut *q;
+        let (Some(aio), Some(vring)) = (q.aio.as_mut(), q.vring.clone()) else {
+            return;
+        };
+        aio.consume_event();
+        let mut finished = Vec::new();
+        aio.reap(&mut finished);
+        if !finished.is_empty() {
+            self.complete(&vring, finished, Vec::new(), false);
+        }
+        if q.throttled && aio.room() > 0 {
+            q.throttled = false;
+            self.kick_async(&vring, q);
+        }
+    }
+
+    /// Write the status of finished requests, add them and the synchronously
+    /// `done` ones to the used ring, and notify the driver if needed. Unless
+    /// `force`, finished requests of a queue that is no longer ready (reset
+    /// under them) are dropped.
+    fn complete(
+        &self,
+        vring: &Vring,
+        finished: Vec<Finished>,
+        mut done: Vec<(u16, u32)>,
+        force: bool,
+    ) {
+        if !finished.is_empty() {
+            if !force && !vring.get_ref().get_queue().ready() {
+                debug!("dropping {} completions of a stopped queue", finished.len());
+            } else {
+                for f in finished {
+                    let used = self.executor.finish(&*f.mem, f.status, f.completion);
+                    done.push((f.head, used));
+                }
+            }
+        }
+        self.add_used(vring, done);
+    }
+
+    /// Add `done` (head, used length) to the used ring and notify if needed.
+    fn add_used(&self, vring: &Vring, done: Vec<(u16, u32)>) {
+        if done.is_empty() {
+            return;
+        }
+        {
+            let mut state = vring.get_mut();
+            for (head, used) in done {
+                if let Err(e) = state.add_used(head, used) {
+                    warn!("cannot add to the used ring: {e}");
+                    Metrics::add(&self.metrics.queue_errors, 1);
+                }
+            }
+        }
+        match vring.needs_notification() {
+            Ok(true) => match vring.signal_used_queue() {
+                Ok(()) => Metrics::add(&self.metrics.notifications, 1),
+                Err(e) => {
+                    warn!("cannot signal the used queue: {e}");
+                    Metrics::add(&self.metrics.queue_errors, 1);
+                }
+            },
+            Ok(false) => {}
+            Err(e) => {
+                debug!("cannot read used_event: {e}");
+                Metrics::add(&self.metrics.queue_errors, 1);
+            }
+        }
+    }
+}
+
+/// Lock a queue's state, ignoring poisoning (a panicking worker aborts in release).
+fn lock(q: &Mutex<AioQueue>) -> MutexGuard<'_, AioQueue> {
+    q.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = MemBitmap;
     type Vring = Vring;
@@ -220,13 +460,33 @@ impl VhostUserBackend for BlkBackend {
             .ok()
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: finish every accepted request before the frontend
+        // reads the ring state (the queue is already marked not ready).
+        if let Some(q) = self.aio.get(queue_index as usize) {
+            let mut q = lock(q);
+            let q = &mut *q;
+            if let (Some(aio), Some(vring)) = (q.aio.as_mut(), q.vring.clone()) {
+                let mut finished = Vec::new();
+                aio.wait_all(&mut finished);
+                self.complete(&vring, finished, Vec::new(), true);
+            }
+            q.throttled = false;
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
         evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
+        if device_event == self.completion_event() {
+            self.handle_completions(thread_id);
+            return Ok(());
+        }
         if !evset.contains(EventSet::IN) {
             warn!("unexpected event set {evset:?} on queue event {device_event}");
             return Ok(());
@@ -236,6 +496,16 @@ impl VhostUserBackend for BlkBackend {
             warn!("event {device_event} for an unknown queue");
             return Ok(());
         };
+        if let Some(q) = self.aio.get(thread_id) {
+            let mut q = lock(q);
+            if q.aio.is_some() {
+                if q.vring.is_none() {
+                    q.vring = Some(vring.clone());
+                }
+                self.kick_async(vring, &mut q);
+                return Ok(());
+            }
+        }
         if self.event_idx.load(Ordering::Relaxed) {
             // Process until the driver has stopped adding while notifications were off.
             loop {

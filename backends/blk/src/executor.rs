@@ -106,39 +106,51 @@ impl Executor {
         M::Target: GuestMemory,
     {
         match request::parse(chain, limits) {
-            Ok(req) => {
-                self.metrics.count_request(req.kind);
-                let c = self.execute(mem, &req);
-                self.finish(mem, req.status, c)
+            Ok(req) => self.execute_and_finish(mem, &req),
+            Err(rej) => self.reject(mem, rej),
+        }
+    }
+
+    /// Count, execute and answer a parsed request synchronously; returns the
+    /// used length.
+    pub(crate) fn execute_and_finish<G: GuestMemory + ?Sized>(
+        &self,
+        mem: &G,
+        req: &Request,
+    ) -> u32 {
+        self.metrics.count_request(req.kind);
+        let c = self.execute(mem, req);
+        self.finish(mem, req.status, c)
+    }
+
+    /// Answer a chain the parser rejected; returns the used length (0 for an
+    /// unanswerable chain).
+    pub(crate) fn reject<G: GuestMemory + ?Sized>(&self, mem: &G, rej: request::Rejection) -> u32 {
+        match rej.error {
+            ParseError::UnsupportedType(_) => {
+                Metrics::add(&self.metrics.unsupported, 1);
             }
-            Err(rej) => {
-                match rej.error {
-                    ParseError::UnsupportedType(_) => {
-                        Metrics::add(&self.metrics.unsupported, 1);
-                    }
-                    _ => Metrics::add(&self.metrics.invalid_requests, 1),
-                }
-                match rej.status {
-                    Some(status) => {
-                        debug!("invalid request: {}", rej.error);
-                        let c = Completion {
-                            status: rej.error.status(),
-                            written: 0,
-                        };
-                        self.finish(mem, status, c)
-                    }
-                    None => {
-                        debug!("skipping unanswerable chain: {}", rej.error);
-                        Metrics::add(&self.metrics.skipped_chains, 1);
-                        0
-                    }
-                }
+            _ => Metrics::add(&self.metrics.invalid_requests, 1),
+        }
+        match rej.status {
+            Some(status) => {
+                debug!("invalid request: {}", rej.error);
+                let c = Completion {
+                    status: rej.error.status(),
+                    written: 0,
+                };
+                self.finish(mem, status, c)
+            }
+            None => {
+                debug!("skipping unanswerable chain: {}", rej.error);
+                Metrics::add(&self.metrics.skipped_chains, 1);
+                0
             }
         }
     }
 
     /// Write the status byte (last) and compute the used length.
-    fn finish<G: GuestMemory + ?Sized>(
+    pub(crate) fn finish<G: GuestMemory + ?Sized>(
         &self,
         mem: &G,
         status: vm_memory::GuestAddress,

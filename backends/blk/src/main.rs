@@ -4,13 +4,14 @@
 //! Exit status: 0 after the frontend disconnected (or SIGINT/SIGTERM), 1 on
 //! a runtime failure, 2 on a usage or startup error (one line on stderr).
 
+mod aio;
 mod backend;
 mod config;
 mod executor;
 mod metrics;
 mod request;
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
@@ -24,6 +25,7 @@ use tern_image::{DiskImage, Format};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{BlkBackend, MAX_QUEUES};
 use crate::config::{BlkConfig, SECTOR_SIZE};
@@ -47,6 +49,16 @@ impl FormatArg {
             FormatArg::Qcow2 => Format::Qcow2,
         }
     }
+}
+
+/// I/O engines accepted by `--aio`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AioArg {
+    /// Linux io_uring: many requests per queue in flight (raw images).
+    #[value(name = "io_uring", alias = "io-uring")]
+    IoUring,
+    /// One blocking pread/pwrite at a time per queue.
+    Sync,
 }
 
 /// vhost-user virtio-blk backend for tern.
@@ -75,6 +87,10 @@ struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
+    /// I/O engine for raw images (qcow2 is always synchronous); io_uring falls
+    /// back to sync when the kernel refuses it.
+    #[arg(long, value_enum, default_value = "io_uring", value_name = "ENGINE")]
+    aio: AioArg,
     /// After the frontend disconnects, wait for the next one instead of exiting.
     #[arg(long)]
     keep_listening: bool,
@@ -164,6 +180,8 @@ struct Setup {
     direct: bool,
     keep_listening: bool,
     metrics: Arc<Metrics>,
+    /// The raw image opened for io_uring (None: synchronous I/O).
+    aio_file: Option<Arc<File>>,
 }
 
 impl Setup {
@@ -171,7 +189,7 @@ impl Setup {
         if args.serial.len() > ID_BYTES as usize {
             return Err(StartupError::SerialTooLong(args.serial.len()));
         }
-        let image = open_image(args)?;
+        let (image, format) = open_image(args)?;
         let size = image.size();
         if !size.is_multiple_of(SECTOR_SIZE) {
             warn!(
@@ -181,6 +199,22 @@ impl Setup {
         }
         let config = BlkConfig::new(size, args.queues);
         let read_only = args.readonly || image.is_read_only();
+        let aio_file = if format == FormatArg::Raw && args.aio == AioArg::IoUring {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!read_only);
+            if args.direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            match o.open(&args.image) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    warn!("cannot open the image for io_uring ({e}); using synchronous I/O");
+                    None
+                }
+            }
+        } else {
+            None
+        };
 
         // Block the signals we handle before any thread exists, so every
         // thread inherits the mask and only the signal thread receives them.
@@ -208,6 +242,7 @@ impl Setup {
             direct: args.direct,
             keep_listening: args.keep_listening,
             metrics,
+            aio_file,
         })
     }
 
@@ -223,14 +258,27 @@ impl Setup {
                 self.direct,
                 self.metrics.clone(),
             );
-            let backend = Arc::new(BlkBackend::new(
-                self.config,
-                executor,
-                mem.clone(),
-                self.metrics.clone(),
-            ));
+            let mut backend =
+                BlkBackend::new(self.config, executor, mem.clone(), self.metrics.clone());
+            if let Some(file) = &self.aio_file {
+                backend = backend.with_io_uring(file.clone(), self.direct);
+            }
+            let backend = Arc::new(backend);
             let mut daemon = VhostUserDaemon::new("tern-blk".to_string(), backend.clone(), mem)
                 .map_err(RunError::Daemon)?;
+            // io_uring completions wake the queue's own worker thread.
+            for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+                if let Some(fd) = backend.completion_fd(thread) {
+                    let event = u64::from(backend.completion_event());
+                    if let Err(e) = handler.register_listener(fd, EventSet::IN, event) {
+                        warn!("cannot watch io_uring completions ({e}); queue {thread} uses synchronous I/O");
+                        backend.disable_io_uring(thread);
+                    }
+                }
+            }
+            if backend.uses_io_uring(0) {
+                debug!("using io_uring");
+            }
             daemon.start(&mut self.listener).map_err(RunError::Daemon)?;
             debug!("connection accepted");
             let result = daemon.wait();
@@ -257,7 +305,7 @@ impl Setup {
 }
 
 /// Check and open the image.
-fn open_image(args: &Args) -> Result<Arc<dyn DiskImage>, StartupError> {
+fn open_image(args: &Args) -> Result<(Arc<dyn DiskImage>, FormatArg), StartupError> {
     let path = &args.image;
     let meta = std::fs::metadata(path).map_err(|source| StartupError::ImageMissing {
         path: path.clone(),
@@ -305,7 +353,7 @@ fn open_image(args: &Args) -> Result<Arc<dyn DiskImage>, StartupError> {
             source,
         },
     )?;
-    Ok(Arc::from(image))
+    Ok((Arc::from(image), format))
 }
 
 /// Create the listening socket, replacing a stale one but never a live one.

@@ -2,6 +2,7 @@
  * report, then perform the final action. See README.md for the protocol. */
 #include "acpi.h"
 #include "blk_test.h"
+#include "virtio_blk.h"
 #include "bootparam.h"
 #include "io.h"
 #include "kbd.h"
@@ -240,6 +241,12 @@ static void parse_cmdline(void)
 				cfg.blk.write = (int)m;
 			else
 				cfg.blk.pattern = (int)m;
+		} else if (word_eq(w, kn, "blktimeout")) {
+			int64_t m = parse_num(v, vn);
+			if (m < 1 || m > 600000)
+				check_fail("bad blktimeout= value");
+			else
+				vblk_timeout_ms = (uint32_t)m;
 		} else if (word_eq(w, kn, "blkpasses")) {
 			int64_t m = parse_num(v, vn);
 			if (m < 1 || m > 16)

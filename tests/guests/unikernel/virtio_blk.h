@@ -78,6 +78,9 @@ struct vblk {
  * whichever of SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, MQ, RO (and
  * ACCESS_PLATFORM) the device offers, set up the queues, DRIVER_OK. 0 on
  * success; otherwise a CHECK FAIL was printed. */
+/* How long a request may take before it counts as timed out (blktimeout=). */
+extern uint32_t vblk_timeout_ms;
+
 int vblk_init(struct vblk *b, const struct pci_access *a, uint16_t bdf,
 	      const struct vpci_window *w);
 /* Reset the device (stops it touching our memory). */
