@@ -11,7 +11,8 @@ use crate::kvm::cpuid::CpuTemplate;
 pub const USAGE: &str = "\
 usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
             [--serial stdout|file:PATH|none] [--cpu-template host|baseline|pvm]
-            [--drive SPEC]... [--config-file PATH] [--api-sock PATH] [--id ID]
+            [--drive SPEC]... [--net SPEC]... [--config-file PATH]
+            [--api-sock PATH] [--id ID]
        tern --api-sock PATH [--id ID]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
@@ -32,6 +33,9 @@ waits for configuration and InstanceStart there.
                         path=FILE[,format=raw|qcow2][,ro=on][,id=ID][,queues=N]
                         [,serial=S][,root=on][,cache=direct], or socket=PATH
                         (an external vhost-user backend) instead of path=
+  --net SPEC            a virtio-net NIC (repeatable): tap=NAME[,mac=MAC]
+                        [,queues=N][,mtu=N][,id=ID], or socket=PATH (an
+                        external vhost-user-net backend) instead of tap=
   --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
   --id ID               the VM's id in the API (default tern-<pid>)
   --help, --version
@@ -94,6 +98,39 @@ where
         value: value.into(),
         why: e.to_string(),
     })
+}
+
+/// Parses a `--net` value: comma-separated `key=value` pairs.
+fn parse_net(spec: &str, index: usize) -> Result<crate::config::NetConfig, String> {
+    let mut n = crate::config::NetConfig {
+        iface_id: format!("net{index}"),
+        host_dev_name: None,
+        guest_mac: None,
+        num_queues: None,
+        mtu: None,
+        socket: None,
+    };
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not key=value"))?;
+        match k {
+            "tap" => n.host_dev_name = Some(v.into()),
+            "socket" => n.socket = Some(v.into()),
+            "id" => n.iface_id = v.into(),
+            "mac" => n.guest_mac = Some(v.into()),
+            "queues" => {
+                n.num_queues = Some(
+                    v.parse()
+                        .map_err(|_| format!("queues={v} is not a number"))?,
+                )
+            }
+            "mtu" => n.mtu = Some(v.parse().map_err(|_| format!("mtu={v} is not a number"))?),
+            _ => return Err(format!("unknown key `{k}`")),
+        }
+    }
+    n.validate().map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 /// Parses a `--drive` value: comma-separated `key=value` pairs.
@@ -191,6 +228,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         match flag.as_str() {
             "--config-file" => {}
             "--api-sock" => api_sock = Some(value.into()),
+            "--net" => {
+                let index = config.network_interfaces.len();
+                let net = parse_net(&value, index).map_err(|why| CliError::BadValue {
+                    flag: flag.clone(),
+                    value: value.clone(),
+                    why,
+                })?;
+                config.upsert_net(net);
+            }
             "--drive" => {
                 let index = config.drives.len();
                 let drive = parse_drive(&value, index).map_err(|why| CliError::BadValue {

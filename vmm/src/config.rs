@@ -154,6 +154,129 @@ pub struct DriveConfig {
     pub serial: Option<String>,
 }
 
+/// `network-interfaces`: a virtio-net NIC served by a vhost-user backend: a
+/// managed tern-net on the tap `host_dev_name`, or an external backend at
+/// `socket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Unique id (the `{id}` of `PUT /network-interfaces/{id}`).
+    pub iface_id: String,
+    /// The tap device (tern starts tern-net on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_dev_name: Option<String>,
+    /// The guest's MAC address (`aa:bb:cc:dd:ee:ff`); generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Queue pairs (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// MTU offered to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// An external backend's vhost-user socket (instead of `host_dev_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+/// Most queue pairs a NIC may have.
+pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+impl NetConfig {
+    /// Checks the NIC on its own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why: String| {
+            Err(ConfigError::Invalid(format!(
+                "network interface {}: {why}",
+                self.iface_id
+            )))
+        };
+        if self.iface_id.is_empty()
+            || self.iface_id.len() > 64
+            || !self
+                .iface_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return bad("iface_id must be 1-64 characters of [A-Za-z0-9_-]".into());
+        }
+        match (&self.host_dev_name, &self.socket) {
+            (Some(_), Some(_)) => {
+                return bad("give either host_dev_name or socket, not both".into())
+            }
+            (None, None) => {
+                return bad(
+                    "needs host_dev_name (a tap; managed backend) or socket (external backend)"
+                        .into(),
+                )
+            }
+            (Some(t), None) if t.is_empty() || t.len() > 15 || t.contains('/') => {
+                return bad(format!("host_dev_name {t:?} is not a valid interface name"))
+            }
+            _ => {}
+        }
+        if let Some(m) = &self.guest_mac {
+            match parse_mac(m) {
+                None => return bad(format!("guest_mac {m:?} is not aa:bb:cc:dd:ee:ff")),
+                Some(mac) if mac[0] & 1 == 1 => {
+                    return bad(format!("guest_mac {m} is a multicast address"))
+                }
+                _ => {}
+            }
+        }
+        if let Some(q) = self.num_queues {
+            if q == 0 || q > MAX_NET_QUEUE_PAIRS {
+                return bad(format!(
+                    "num_queues {q} is out of range (1 to {MAX_NET_QUEUE_PAIRS})"
+                ));
+            }
+        }
+        if let Some(m) = self.mtu {
+            if !(68..=65535).contains(&m) {
+                return bad(format!("mtu {m} is out of range (68 to 65535)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The MAC to give the guest: the configured one, or a locally
+    /// administered one derived from the id.
+    pub fn mac(&self) -> [u8; 6] {
+        if let Some(mac) = self.guest_mac.as_deref().and_then(parse_mac) {
+            return mac;
+        }
+        let h = self.iface_id.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        let b = h.to_be_bytes();
+        [0x02, 0x74, b[0], b[1], b[2], b[3]]
+    }
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 /// Most queues a drive may have.
 pub const MAX_DRIVE_QUEUES: u16 = 64;
 
@@ -247,6 +370,13 @@ pub struct VmConfig {
     /// Disks, in the order given (a root device goes first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveConfig>,
+    /// NICs, in the order given.
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub network_interfaces: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -276,7 +406,8 @@ impl VmConfig {
 }
 
 impl VmConfig {
-    /// Checks every drive, unique ids, at most one root device, room on the bus.
+    /// Checks every drive and NIC: unique ids and taps, at most one root
+    /// device, room on the bus.
     pub fn validate_drives(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::HashSet::new();
         for d in &self.drives {
@@ -293,18 +424,48 @@ impl VmConfig {
                 "only one drive can be the root device".into(),
             ));
         }
+        let mut ids = std::collections::HashSet::new();
+        let mut taps = std::collections::HashSet::new();
+        for n in &self.network_interfaces {
+            n.validate()?;
+            if !ids.insert(n.iface_id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "network interface id {} is used twice",
+                    n.iface_id
+                )));
+            }
+            if let Some(t) = &n.host_dev_name {
+                if !taps.insert(t.as_str()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "tap {t} is given to two network interfaces"
+                    )));
+                }
+            }
+        }
         let slots = usize::from(
             crate::machine::layout::PCI_LAST_DEVICE_SLOT
                 - crate::machine::layout::PCI_FIRST_DEVICE_SLOT
                 + 1,
         );
-        if self.drives.len() > slots {
+        let devices = self.drives.len() + self.network_interfaces.len();
+        if devices > slots {
             return Err(ConfigError::Invalid(format!(
-                "{} drives do not fit in the {slots} PCI slots",
-                self.drives.len()
+                "{devices} devices do not fit in the {slots} PCI slots"
             )));
         }
         Ok(())
+    }
+
+    /// Adds or replaces the NIC with this id.
+    pub fn upsert_net(&mut self, net: NetConfig) {
+        match self
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == net.iface_id)
+        {
+            Some(n) => *n = net,
+            None => self.network_interfaces.push(net),
+        }
     }
 
     /// Adds or replaces the drive with this id.

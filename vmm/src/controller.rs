@@ -144,6 +144,13 @@ impl Controller {
                 self.pending.machine_config = merged;
             }
             ApiRequest::PutBootSource(b) => self.pending.boot_source = Some(b),
+            ApiRequest::PutNetworkInterface(n) => {
+                let mut next = self.pending.clone();
+                next.upsert_net(n);
+                next.validate_drives()
+                    .map_err(|e| ApiError::bad_request(format!("network-interfaces: {e}")))?;
+                self.pending = next;
+            }
             ApiRequest::PutDrive(d) => {
                 let mut next = self.pending.clone();
                 next.upsert_drive(d);
@@ -229,6 +236,12 @@ fn handle_runtime(vmm: &mut Vmm, request: ApiRequest) -> Result<ApiResponse, Api
             return Err(ApiError::bad_request(format!(
                 "drives: {} cannot be added or changed after the VM started (hot plug is not supported yet)",
                 d.drive_id
+            )))
+        }
+        ApiRequest::PutNetworkInterface(n) => {
+            return Err(ApiError::bad_request(format!(
+                "network-interfaces: {} cannot be added or changed after the VM started (hot plug is not supported yet)",
+                n.iface_id
             )))
         }
         ApiRequest::Action(ActionType::InstanceStart) => {

@@ -30,7 +30,7 @@ use crate::machine::{self, layout::HIGH_RAM_START, DeviceInfo};
 use crate::memory;
 use crate::terminal::RawTerminal;
 use crate::vhost_user::backend_process::{backend_binary, BackendProcess};
-use crate::vhost_user::blk::VhostUserBlk;
+use crate::vhost_user::device::VhostUserDevice;
 use std::sync::Mutex;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
@@ -79,7 +79,7 @@ pub enum VmmError {
     #[error(transparent)]
     Pause(#[from] PauseError),
     /// A managed backend did not start.
-    #[error("drive {drive}: {err}")]
+    #[error("{drive}: {err}")]
     Backend {
         /// The drive.
         drive: String,
@@ -87,7 +87,7 @@ pub enum VmmError {
         err: crate::vhost_user::backend_process::BackendError,
     },
     /// A vhost-user backend could not be set up.
-    #[error("drive {drive}: {err}")]
+    #[error("{drive}: {err}")]
     VhostUser {
         /// The drive.
         drive: String,
@@ -95,7 +95,7 @@ pub enum VmmError {
         err: crate::vhost_user::handle::VhostUserError,
     },
     /// A virtio-pci function could not be created.
-    #[error("drive {drive}: {err}")]
+    #[error("{drive}: {err}")]
     VirtioPci {
         /// The drive.
         drive: String,
@@ -380,8 +380,9 @@ fn effective_cmdline(config: &VmConfig) -> String {
     }
 }
 
-/// Starts (or connects to) each drive's backend and puts a virtio-blk
-/// function for it on the PCI bus.
+/// Starts (or connects to) each drive's and NIC's backend and puts a
+/// virtio-blk or virtio-net function for it on the PCI bus: drives first
+/// (a root drive in slot 1), then NICs.
 fn build_drives(
     config: &VmConfig,
     env: &PciEnv,
@@ -423,7 +424,7 @@ fn build_drives(
                 }
                 let p = BackendProcess::start(&backend_binary("tern-blk"), &d.drive_id, &args)
                     .map_err(|err| VmmError::Backend {
-                        drive: d.drive_id.clone(),
+                        drive: format!("drive {}", d.drive_id),
                         err,
                     })?;
                 (p.socket().to_owned(), Some(p))
@@ -437,9 +438,9 @@ fn build_drives(
             }
         };
         let backend_pid = process.as_ref().map(BackendProcess::pid);
-        let blk = VhostUserBlk::new(&socket, queues, &env.mem, process).map_err(|err| {
+        let blk = VhostUserDevice::blk(&socket, queues, &env.mem, process).map_err(|err| {
             VmmError::VhostUser {
-                drive: d.drive_id.clone(),
+                drive: format!("drive {}", d.drive_id),
                 err,
             }
         })?;
@@ -455,7 +456,7 @@ fn build_drives(
             .start();
         let device = VirtioPciDevice::new(Box::new(blk), bar, pci_intx_gsi(slot, 0), env.clone())
             .map_err(|err| VmmError::VirtioPci {
-            drive: d.drive_id.clone(),
+            drive: format!("drive {}", d.drive_id),
             err,
         })?;
         lock(&machine.pci)
@@ -463,6 +464,77 @@ fn build_drives(
             .map_err(|e| VmmError::Machine(machine::MachineError::Pci(e)))?;
         entries.push(VirtioEntry {
             id: d.drive_id.clone(),
+            slot,
+            device,
+            backend_pid,
+        });
+    }
+    let first_net_slot = PCI_FIRST_DEVICE_SLOT + entries.len() as u8;
+    for (i, n) in config.network_interfaces.iter().enumerate() {
+        let slot = first_net_slot + i as u8;
+        let pairs = usize::from(n.num_queues.unwrap_or(1));
+        let (socket, process) = match (&n.socket, &n.host_dev_name) {
+            (Some(s), _) => (s.clone(), None),
+            (None, Some(tap)) => {
+                let mut args = vec![
+                    "--tap".to_string(),
+                    tap.clone(),
+                    "--mac".into(),
+                    crate::config::format_mac(&n.mac()),
+                    "--queues".into(),
+                    pairs.to_string(),
+                ];
+                if let Some(mtu) = n.mtu {
+                    args.push("--mtu".into());
+                    args.push(mtu.to_string());
+                }
+                let p = BackendProcess::start(&backend_binary("tern-net"), &n.iface_id, &args)
+                    .map_err(|err| VmmError::Backend {
+                        drive: format!("network interface {}", n.iface_id),
+                        err,
+                    })?;
+                (p.socket().to_owned(), Some(p))
+            }
+            (None, None) => {
+                return Err(crate::config::ConfigError::Invalid(format!(
+                    "network interface {} has no backend",
+                    n.iface_id
+                ))
+                .into())
+            }
+        };
+        let backend_pid = process.as_ref().map(BackendProcess::pid);
+        // rx and tx per pair, and the control queue.
+        let max_queues =
+            2 * usize::from(n.num_queues.unwrap_or(crate::config::MAX_NET_QUEUE_PAIRS)) + 1;
+        let net = VhostUserDevice::net(&socket, max_queues, &env.mem, process).map_err(|err| {
+            VmmError::VhostUser {
+                drive: format!("network interface {}", n.iface_id),
+                err,
+            }
+        })?;
+        log::info!(
+            "network interface {}: mac {} at 00:{slot:02x}.0 via {}",
+            n.iface_id,
+            net.mac()
+                .map(|m| crate::config::format_mac(&m))
+                .unwrap_or_default(),
+            socket.display()
+        );
+        let bar = bars
+            .allocate(BAR_SIZE, BAR_SIZE, AllocPolicy::FirstMatch)
+            .map_err(VmmError::Bar)?
+            .start();
+        let device = VirtioPciDevice::new(Box::new(net), bar, pci_intx_gsi(slot, 0), env.clone())
+            .map_err(|err| VmmError::VirtioPci {
+            drive: format!("network interface {}", n.iface_id),
+            err,
+        })?;
+        lock(&machine.pci)
+            .add(slot, 0, device.clone())
+            .map_err(|e| VmmError::Machine(machine::MachineError::Pci(e)))?;
+        entries.push(VirtioEntry {
+            id: n.iface_id.clone(),
             slot,
             device,
             backend_pid,

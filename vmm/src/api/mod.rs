@@ -9,7 +9,7 @@ pub mod request;
 pub mod routes;
 pub mod server;
 
-use crate::config::{BootSource, DriveConfig, MachineConfig};
+use crate::config::{BootSource, DriveConfig, MachineConfig, NetConfig};
 use request::actions::ActionType;
 use request::logger::LoggerConfig;
 use request::machine_config::MachineConfigUpdate;
@@ -30,6 +30,8 @@ pub enum ApiRequest {
     PutBootSource(BootSource),
     /// `PUT /drives/{id}`
     PutDrive(DriveConfig),
+    /// `PUT /network-interfaces/{id}`
+    PutNetworkInterface(NetConfig),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`

@@ -2,7 +2,9 @@
 //! lists every pair the server answers; a test checks it against
 //! `api-spec/tern.yaml`.
 
-use super::request::{actions, boot_source, drives, logger, machine_config, vm};
+use super::request::{
+    actions, boot_source, drives, logger, machine_config, network_interfaces, vm,
+};
 use super::{ApiError, ApiRequest};
 
 /// Every (method, path) the server routes.
@@ -13,6 +15,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/machine-config"),
     ("PUT", "/boot-source"),
     ("PUT", "/drives/{drive_id}"),
+    ("PUT", "/network-interfaces/{iface_id}"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
@@ -52,6 +55,10 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiErro
         ("PUT", p) if param(p, "/drives/").is_some() => {
             let id = param(p, "/drives/").unwrap_or_default();
             ApiRequest::PutDrive(drives::parse(id, body)?)
+        }
+        ("PUT", p) if param(p, "/network-interfaces/").is_some() => {
+            let id = param(p, "/network-interfaces/").unwrap_or_default();
+            ApiRequest::PutNetworkInterface(network_interfaces::parse(id, body)?)
         }
         _ => return Err(unrouted(method, path)),
     })
@@ -103,6 +110,7 @@ mod tests {
             ("PATCH", "/vm") => br#"{"state":"Paused"}"#,
             ("PUT", "/logger") => br#"{"level":"Info"}"#,
             ("PUT", "/drives/{drive_id}") => br#"{"socket":"/s"}"#,
+            ("PUT", "/network-interfaces/{iface_id}") => br#"{"socket":"/s"}"#,
             _ => b"",
         }
     }
@@ -110,7 +118,7 @@ mod tests {
     #[test]
     fn every_listed_route_is_routed() {
         for (m, p) in ROUTES {
-            let concrete = p.replace("{drive_id}", "d0");
+            let concrete = p.replace("{drive_id}", "d0").replace("{iface_id}", "eth0");
             assert!(parse(m, &concrete, sample_body(m, p)).is_ok(), "{m} {p}");
         }
     }

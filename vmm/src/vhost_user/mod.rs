@@ -2,5 +2,5 @@
 //! separate backend process serves.
 
 pub mod backend_process;
-pub mod blk;
+pub mod device;
 pub mod handle;

@@ -5,4 +5,5 @@ pub mod boot_source;
 pub mod drives;
 pub mod logger;
 pub mod machine_config;
+pub mod network_interfaces;
 pub mod vm;

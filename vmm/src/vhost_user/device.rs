@@ -1,6 +1,7 @@
-//! A virtio-blk device whose queues a vhost-user backend (tern-blk, or any
-//! vhost-user-blk backend) serves. tern only relays configuration: the
-//! capacity, queue count and features come from the backend.
+//! A virtio device whose queues a vhost-user backend serves: virtio-blk
+//! (tern-blk, or any vhost-user-blk backend) and virtio-net (tern-net). tern
+//! only relays configuration: capacity, MAC, queue counts and features come
+//! from the backend.
 
 use vm_memory::GuestMemoryMmap;
 
@@ -8,13 +9,18 @@ use super::backend_process::BackendProcess;
 use super::handle::{VhostUserError, VhostUserHandle, VringSetup};
 use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
 
+/// virtio device type of a network device.
+pub const VIRTIO_ID_NET: u16 = 1;
 /// virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u16 = 2;
+/// Bytes of `struct virtio_net_config` tern reads: mac, status,
+/// max_virtqueue_pairs, mtu.
+const NET_CONFIG_LEN: u32 = 12;
 /// Bytes of `struct virtio_blk_config` tern reads: the virtio 1.1 layout,
 /// up to `write_zeroes_may_unmap` and its padding. Newer fields (secure
 /// erase, zoned) are not offered, and backends built against older headers
 /// (QEMU 7's qemu-storage-daemon) refuse a longer read.
-const CONFIG_LEN: u32 = 60;
+const BLK_CONFIG_LEN: u32 = 60;
 /// Offset of `num_queues` in `struct virtio_blk_config`.
 const NUM_QUEUES_OFFSET: usize = 34;
 /// Largest queue tern offers.
@@ -26,7 +32,8 @@ const QUEUE_MAX: u16 = 256;
 const TRANSPORT_FEATURES: u64 = 0xffff_ffff | VIRTIO_F_VERSION_1;
 
 /// The device.
-pub struct VhostUserBlk {
+pub struct VhostUserDevice {
+    device_type: u16,
     handle: VhostUserHandle,
     config: Vec<u8>,
     features: u64,
@@ -34,35 +41,81 @@ pub struct VhostUserBlk {
     _process: Option<BackendProcess>,
 }
 
-impl VhostUserBlk {
-    /// Connects to the backend at `socket`, reads its config and shares
-    /// guest memory with it.
-    pub fn new(
+impl VhostUserDevice {
+    /// Connects to the backend at `socket`, reads `config_len` bytes of its
+    /// config and shares guest memory with it.
+    fn connect(
+        device_type: u16,
+        config_len: u32,
         socket: &std::path::Path,
         max_queues: usize,
         mem: &GuestMemoryMmap,
         process: Option<BackendProcess>,
     ) -> Result<Self, VhostUserError> {
         let mut handle = VhostUserHandle::connect(socket, max_queues)?;
-        let mut config = handle.get_config(CONFIG_LEN)?;
-        // The config's num_queues must agree with the queues tern exposes
-        // (fewer when the drive asked for fewer than the backend serves).
-        if let Some(nq) = config.get_mut(NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2) {
-            let backend = u16::from_le_bytes([nq[0], nq[1]]);
-            let exposed = (handle.queue_num() as u16).min(backend.max(1));
-            nq.copy_from_slice(&exposed.to_le_bytes());
-        }
+        let config = handle.get_config(config_len)?;
         handle.set_mem_table(mem)?;
         if handle.features() & VIRTIO_F_VERSION_1 == 0 {
             return Err(VhostUserError::Missing("VIRTIO_F_VERSION_1"));
         }
         let features = handle.features() & TRANSPORT_FEATURES;
         Ok(Self {
+            device_type,
             handle,
             config,
             features,
             _process: process,
         })
+    }
+
+    /// A virtio-blk device served by the backend at `socket`.
+    pub fn blk(
+        socket: &std::path::Path,
+        max_queues: usize,
+        mem: &GuestMemoryMmap,
+        process: Option<BackendProcess>,
+    ) -> Result<Self, VhostUserError> {
+        let mut d = Self::connect(
+            VIRTIO_ID_BLOCK,
+            BLK_CONFIG_LEN,
+            socket,
+            max_queues,
+            mem,
+            process,
+        )?;
+        // The config's num_queues must agree with the queues tern exposes
+        // (fewer when the drive asked for fewer than the backend serves).
+        let queues = d.handle.queue_num() as u16;
+        if let Some(nq) = d.config.get_mut(NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2) {
+            let backend = u16::from_le_bytes([nq[0], nq[1]]);
+            nq.copy_from_slice(&queues.min(backend.max(1)).to_le_bytes());
+        }
+        Ok(d)
+    }
+
+    /// A virtio-net device served by the backend at `socket` (queues: rx
+    /// and tx per pair, then the control queue, as the backend says).
+    pub fn net(
+        socket: &std::path::Path,
+        max_queues: usize,
+        mem: &GuestMemoryMmap,
+        process: Option<BackendProcess>,
+    ) -> Result<Self, VhostUserError> {
+        Self::connect(
+            VIRTIO_ID_NET,
+            NET_CONFIG_LEN,
+            socket,
+            max_queues,
+            mem,
+            process,
+        )
+    }
+
+    /// The MAC address in the backend's config (net devices).
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        (self.device_type == VIRTIO_ID_NET)
+            .then(|| self.config.get(..6)?.try_into().ok())
+            .flatten()
     }
 
     /// Capacity in 512-byte sectors, from the backend's config.
@@ -75,9 +128,9 @@ impl VhostUserBlk {
     }
 }
 
-impl VirtioDevice for VhostUserBlk {
+impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u16 {
-        VIRTIO_ID_BLOCK
+        self.device_type
     }
 
     fn num_queues(&self) -> usize {
@@ -104,7 +157,7 @@ impl VirtioDevice for VhostUserBlk {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // virtio-blk's only writable field is writeback (with CONFIG_WCE).
         if let Err(e) = self.handle.set_config(offset as u32, data) {
-            log::warn!("vhost-user-blk {}: {e}", self.handle.socket().display());
+            log::warn!("vhost-user device {}: {e}", self.handle.socket().display());
             return;
         }
         let start = offset as usize;
@@ -168,14 +221,17 @@ impl VirtioDevice for VhostUserBlk {
         if let Some((features, queues)) = active {
             self.activate(mem, features, queues)?;
         }
-        log::info!("vhost-user-blk {}: backend reconnected", socket.display());
+        log::info!(
+            "vhost-user device {}: backend reconnected",
+            socket.display()
+        );
         Ok(true)
     }
 
     fn reset(&mut self) {
         if let Err(e) = self.handle.stop() {
             log::warn!(
-                "vhost-user-blk {}: stopping the rings: {e}",
+                "vhost-user device {}: stopping the rings: {e}",
                 self.handle.socket().display()
             );
         }
