@@ -73,7 +73,7 @@ pub enum Command {
     /// Print the version.
     Version,
     /// Run a VM (boot it now if a kernel is configured).
-    Run(RunOptions),
+    Run(Box<RunOptions>),
 }
 
 /// What to run.
@@ -284,12 +284,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     } else {
         config.machine_config.validate()?;
     }
-    Ok(Command::Run(RunOptions {
+    Ok(Command::Run(Box::new(RunOptions {
         config,
         boot_now,
         api_sock,
         id,
-    }))
+    })))
 }
 
 #[cfg(test)]
@@ -302,17 +302,17 @@ mod tests {
 
     #[test]
     fn flags_fill_the_config() {
-        let Command::Run(RunOptions {
+        let Command::Run(o) = parse(args(
+            "--kernel /k --cpus 4 --memory=512 --cmdline x --serial none",
+        ))
+        .unwrap() else {
+            panic!("not a run");
+        };
+        let RunOptions {
             config: c,
             boot_now,
             ..
-        }) = parse(args(
-            "--kernel /k --cpus 4 --memory=512 --cmdline x --serial none",
-        ))
-        .unwrap()
-        else {
-            panic!("not a run");
-        };
+        } = *o;
         assert!(boot_now);
         assert_eq!(c.machine_config.vcpu_count, 4);
         assert_eq!(c.machine_config.mem_size_mib, 512);

@@ -119,7 +119,7 @@ fn main() -> ExitCode {
             println!("tern {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Ok(Command::Run(opts)) => run(opts),
+        Ok(Command::Run(opts)) => run(*opts),
         Err(e) => {
             eprintln!("tern: error: {e}");
             ExitCode::from(ERROR_STATUS as u8)
