@@ -9,6 +9,7 @@
 #include "kernel.h"
 #include "lib.h"
 #include "mem.h"
+#include "net_test.h"
 #include "pci.h"
 #include "power.h"
 #include "serial.h"
@@ -52,7 +53,7 @@ int memmap_is_ram(uint64_t addr, uint64_t len)
 }
 
 static struct {
-	int check_pci, check_acpi, check_smp, check_mem, check_blk;
+	int check_pci, check_acpi, check_smp, check_mem, check_blk, check_net;
 	int blk_passes;
 	struct blk_opts blk;
 	char action[32];
@@ -170,6 +171,8 @@ static void parse_checks(const char *v, size_t n)
 				cfg.check_mem = 1;
 			else if (word_eq(v + i, j - i, "blk"))
 				cfg.check_blk = 1;
+			else if (word_eq(v + i, j - i, "net"))
+				cfg.check_net = 1;
 			else {
 				char name[32];
 				size_t k = j - i < sizeof(name) - 1 ? j - i : sizeof(name) - 1;
@@ -259,6 +262,8 @@ static void parse_cmdline(void)
 				check_fail("bad blkbar= value");
 			else
 				cfg.blk.bar = b;
+		} else if (net_parse_key(w, kn, v, vn)) {
+			/* netip, netgw, netqueues, netudp, netport, netwait, nettimeout */
 		} else if (word_eq(w, kn, "beats")) {
 			int64_t m = parse_num(v, vn);
 			if (m < 0 || m > 0xffffffffll)
@@ -331,6 +336,9 @@ void kmain(uint32_t info_paddr, uint32_t protocol)
 			kprintf("BLK pass %d\n", pass + 1);
 		blk_check(&cfg.blk);
 	}
+
+	if (cfg.check_net)
+		net_check();
 
 	if (check_failures == 0)
 		kprintf("RESULT pass\n");
