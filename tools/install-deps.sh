@@ -6,7 +6,7 @@ set -euo pipefail
 # gcc, make, binutils: the test unikernel. curl: the API tests use a client
 # tern did not write. socat, python3 with venv: the schemathesis API fuzz.
 need=()
-for tool in gcc make ld objdump gunzip curl socat python3 qemu-img; do
+for tool in gcc make ld objdump gunzip curl socat python3 qemu-img ip ping; do
 	command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
@@ -16,7 +16,8 @@ if [ ${#need[@]} -gt 0 ]; then
 	[ "$(id -u)" -eq 0 ] || SUDO=sudo
 	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
 	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-		build-essential binutils gzip curl socat python3 python3-venv qemu-utils
+		build-essential binutils gzip curl socat python3 python3-venv qemu-utils \
+		iproute2 iputils-ping
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
