@@ -216,6 +216,13 @@ impl NetConfig {
         {
             return bad("iface_id must be 1-64 characters of [A-Za-z0-9_-]".into());
         }
+        if self
+            .socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return bad("socket must not be empty".into());
+        }
         match (&self.host_dev_name, &self.socket) {
             (Some(_), Some(_)) => {
                 return bad("give either host_dev_name or socket, not both".into())
@@ -297,6 +304,17 @@ impl DriveConfig {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
             return bad("drive_id must be 1-64 characters of [A-Za-z0-9_-]".into());
+        }
+        if self
+            .path_on_host
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+            || self
+                .socket
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return bad("path_on_host and socket must not be empty".into());
         }
         match (&self.path_on_host, &self.socket) {
             (Some(_), Some(_)) => return bad("give either path_on_host or socket, not both".into()),

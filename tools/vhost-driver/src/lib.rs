@@ -32,6 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use vm_memory;
 
+pub mod net;
+
 /// virtio-blk request types and status values (virtio 1.2 §5.2.6).
 pub mod blk {
     pub const T_IN: u32 = 0;
