@@ -801,3 +801,69 @@ fn drives_through_the_api_and_a_backend_killed_during_io() {
     );
     assert_eq!(t.call("GET", "/", None, 200)["state"], "Running");
 }
+
+#[test]
+fn a_killed_net_backend_shows_disconnected_and_tern_keeps_running() {
+    let t = Tern::start("netdead", &[]);
+    // tern-net serves a tap in a namespace of the test's own; its socket is
+    // an ordinary file, so tern (outside the namespace) connects to it.
+    let ns = format!("tern-api-net-{}", std::process::id());
+    let sh = |cmd: &str| {
+        let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    sh(&format!("ip netns add {ns} && ip netns exec {ns} ip tuntap add tn0 mode tap && ip netns exec {ns} ip link set tn0 up"));
+    let sock = t._dir.0.join("net.sock");
+    let mut backend = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(tern_bin().with_file_name("tern-net"))
+        .args(["--socket", sock.to_str().unwrap(), "--tap", "tn0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    t.wait_for(|| sock.exists(), "tern-net's socket");
+    let nic = serde_json::json!({ "socket": sock, "guest_mac": "02:74:65:72:6e:09" }).to_string();
+    t.call("PUT", "/network-interfaces/eth0", Some(&nic), 204);
+    t.refused(
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(r#"{"host_dev_name": "tn0", "guest_mac": "zz"}"#),
+        400,
+        "guest_mac",
+    );
+    assert_eq!(
+        t.call("GET", "/vm/config", None, 200)["network-interfaces"][0]["iface_id"],
+        "eth0"
+    );
+    t.configure_and_start("action=heartbeat period=20");
+    t.wait_for(|| t.heartbeat() >= 2, "heartbeats");
+    let eth0 = |v: serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == "eth0")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let dev = eth0(t.call("GET", "/devices", None, 200));
+    assert_eq!(
+        (dev["kind"].as_str(), dev["state"].as_str()),
+        (Some("virtio-net"), Some("attached")),
+        "{dev}"
+    );
+    backend.kill().unwrap();
+    let _ = backend.wait();
+    t.wait_for(
+        || eth0(t.call("GET", "/devices", None, 200))["state"] == "disconnected",
+        "the NIC to show disconnected",
+    );
+    let before = t.heartbeat();
+    t.wait_for(
+        || t.heartbeat() > before + 2,
+        "heartbeats after the backend died",
+    );
+    assert_eq!(t.call("GET", "/", None, 200)["state"], "Running");
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+}

@@ -22,6 +22,19 @@ clearcpuid=cx16,xsave,popcnt,smap,smep,fsgsbase,pcid,invpcid,rdrand,rdseed,lfenc
 const DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 fn boot(kernel: &str, cpus: u32, drives: &[String]) -> Run {
+    boot_in(None, kernel, cpus, drives, &[], "")
+}
+
+/// Boots the kit's `kernel`, inside the network namespace `netns` if given,
+/// with extra devices and command-line words.
+fn boot_in(
+    netns: Option<&str>,
+    kernel: &str,
+    cpus: u32,
+    drives: &[String],
+    nets: &[String],
+    extra: &str,
+) -> Run {
     require_kvm();
     let kit = guest_dir();
     let initrd = uncompressed_initramfs(&kit);
@@ -36,14 +49,28 @@ fn boot(kernel: &str, cpus: u32, drives: &[String]) -> Run {
         "6144",
         "--cpus",
         &cpus,
-        "--cmdline",
-        PVM_CMDLINE,
     ];
+    let cmdline = format!("{PVM_CMDLINE} {extra}");
+    args.push("--cmdline");
+    args.push(&cmdline);
     for d in drives {
         args.push("--drive");
         args.push(d);
     }
-    let run = tern(&args, DEADLINE);
+    for n in nets {
+        args.push("--net");
+        args.push(n);
+    }
+    let run = match netns {
+        None => tern(&args, DEADLINE),
+        Some(ns) => {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", ns])
+                .arg(common::tern_bin())
+                .args(&args);
+            common::run_with_deadline(cmd, DEADLINE)
+        }
+    };
     eprintln!(
         "{} booted to its end in {:?}",
         kernel.display(),
@@ -217,8 +244,43 @@ fn linux_pvh_vmlinux_6g_two_vcpus_three_disks() {
 }
 
 #[test]
-fn linux_bzimage_6g() {
-    let run = boot("bzImage", 1, &[]);
+fn linux_bzimage_6g_with_a_nic() {
+    // A namespace with a tap for the NIC, never the host's interfaces.
+    let ns = format!("tern-linux-net-{}", std::process::id());
+    let sh = |cmd: &str| {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()
+            .expect("sh");
+        assert!(st.success(), "{cmd}");
+    };
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    sh(&format!(
+        "ip netns add {ns} && ip netns exec {ns} ip tuntap add tn0 mode tap && \
+         ip netns exec {ns} ip addr add 10.77.0.1/24 dev tn0 && ip netns exec {ns} ip link set tn0 up"
+    ));
+    let run = boot_in(
+        Some(&ns),
+        "bzImage",
+        1,
+        &[],
+        &["tap=tn0,mac=02:74:65:72:6e:07".to_string()],
+        "ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off",
+    );
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
     assert_machine_as_linux_sees_it(&run);
     assert_has(&run, "smp: Brought up 1 node, 1 CPU");
+    // The NIC as Linux sees it: virtio-net on virtio-pci, eth0 with the
+    // configured MAC, and IP autoconfiguration done over it.
+    assert_has(&run, "pci 0000:00:01.0: [1af4:1041] type 00 class 0x020000");
+    assert_has(&run, "IP-Config: Complete:");
+    assert_has(
+        &run,
+        "device=eth0, hwaddr=02:74:65:72:6e:07, ipaddr=10.77.0.2, mask=255.255.255.0, gw=10.77.0.1",
+    );
 }
