@@ -380,6 +380,38 @@ fn effective_cmdline(config: &VmConfig) -> String {
     }
 }
 
+/// Puts a vhost-user device on bus 0 at `slot`, with a BAR from `bars`.
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    bars: &mut AddressAllocator,
+    slot: u8,
+    label: &str,
+    id: &str,
+    device: VhostUserDevice,
+    backend_pid: Option<u32>,
+    env: &PciEnv,
+    machine: &machine::Machine,
+) -> Result<VirtioEntry, VmmError> {
+    let bar = bars
+        .allocate(BAR_SIZE, BAR_SIZE, AllocPolicy::FirstMatch)
+        .map_err(VmmError::Bar)?
+        .start();
+    let device = VirtioPciDevice::new(Box::new(device), bar, pci_intx_gsi(slot, 0), env.clone())
+        .map_err(|err| VmmError::VirtioPci {
+            drive: label.to_string(),
+            err,
+        })?;
+    lock(&machine.pci)
+        .add(slot, 0, device.clone())
+        .map_err(|e| VmmError::Machine(machine::MachineError::Pci(e)))?;
+    Ok(VirtioEntry {
+        id: id.to_string(),
+        slot,
+        device,
+        backend_pid,
+    })
+}
+
 /// Starts (or connects to) each drive's and NIC's backend and puts a
 /// virtio-blk or virtio-net function for it on the PCI bus: drives first
 /// (a root drive in slot 1), then NICs.
@@ -450,24 +482,17 @@ fn build_drives(
             blk.capacity(),
             socket.display()
         );
-        let bar = bars
-            .allocate(BAR_SIZE, BAR_SIZE, AllocPolicy::FirstMatch)
-            .map_err(VmmError::Bar)?
-            .start();
-        let device = VirtioPciDevice::new(Box::new(blk), bar, pci_intx_gsi(slot, 0), env.clone())
-            .map_err(|err| VmmError::VirtioPci {
-            drive: format!("drive {}", d.drive_id),
-            err,
-        })?;
-        lock(&machine.pci)
-            .add(slot, 0, device.clone())
-            .map_err(|e| VmmError::Machine(machine::MachineError::Pci(e)))?;
-        entries.push(VirtioEntry {
-            id: d.drive_id.clone(),
+        let label = format!("drive {}", d.drive_id);
+        entries.push(attach(
+            &mut bars,
             slot,
-            device,
+            &label,
+            &d.drive_id,
+            blk,
             backend_pid,
-        });
+            env,
+            machine,
+        )?);
     }
     let first_net_slot = PCI_FIRST_DEVICE_SLOT + entries.len() as u8;
     for (i, n) in config.network_interfaces.iter().enumerate() {
@@ -521,24 +546,17 @@ fn build_drives(
                 .unwrap_or_default(),
             socket.display()
         );
-        let bar = bars
-            .allocate(BAR_SIZE, BAR_SIZE, AllocPolicy::FirstMatch)
-            .map_err(VmmError::Bar)?
-            .start();
-        let device = VirtioPciDevice::new(Box::new(net), bar, pci_intx_gsi(slot, 0), env.clone())
-            .map_err(|err| VmmError::VirtioPci {
-            drive: format!("network interface {}", n.iface_id),
-            err,
-        })?;
-        lock(&machine.pci)
-            .add(slot, 0, device.clone())
-            .map_err(|e| VmmError::Machine(machine::MachineError::Pci(e)))?;
-        entries.push(VirtioEntry {
-            id: n.iface_id.clone(),
+        let label = format!("network interface {}", n.iface_id);
+        entries.push(attach(
+            &mut bars,
             slot,
-            device,
+            &label,
+            &n.iface_id,
+            net,
             backend_pid,
-        });
+            env,
+            machine,
+        )?);
     }
     Ok(entries)
 }
