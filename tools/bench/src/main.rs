@@ -4,6 +4,7 @@
 mod api;
 mod blk;
 mod http;
+mod net;
 mod report;
 mod run;
 
@@ -77,6 +78,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
             };
         }
         Some("blk") => return blk::main(it),
+        Some("net") => return net::main(it),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return Ok(());
