@@ -75,7 +75,9 @@ impl Tern {
             lines,
             _dir: dir,
         };
-        t.wait_for(|| t.sock.exists(), "the API socket to appear");
+        // Connectable, not just present: the file appears at bind(), a
+        // moment before listen().
+        t.wait_for(|| UnixStream::connect(&t.sock).is_ok(), "the API socket to accept connections");
         t
     }
 

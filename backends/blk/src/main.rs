@@ -12,15 +12,15 @@ mod metrics;
 mod request;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use log::{debug, error, info, warn, LevelFilter};
+use tern_backend_common::{init_logger, listen, ListenError, Signals};
 use tern_image::{DiskImage, Format};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -126,17 +126,8 @@ enum StartupError {
         format: FormatArg,
         source: tern_image::ImageError,
     },
-    #[error("socket {0}: in use by a running process")]
-    SocketInUse(PathBuf),
-    #[error("socket {0}: exists and is not a socket")]
-    SocketNotASocket(PathBuf),
-    #[error("socket {path}: {source}")]
-    Socket { path: PathBuf, source: io::Error },
-    #[error("socket {path}: cannot listen: {source}")]
-    Listen {
-        path: PathBuf,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
 }
@@ -150,7 +141,7 @@ enum RunError {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    Logger::init(args.log_level);
+    init_logger("tern-blk", args.log_level);
     let setup = match Setup::new(&args) {
         Ok(s) => s,
         Err(e) => {
@@ -221,7 +212,9 @@ impl Setup {
         let signals = Signals::block().map_err(StartupError::Signals)?;
         let listener = listen(&args.socket)?;
         signals
-            .spawn_handler(args.socket.clone())
+            .spawn_handler(args.socket.clone(), || {
+                metrics::global().map(|m| m.to_string())
+            })
             .map_err(StartupError::Signals)?;
         let metrics = Arc::new(Metrics::new());
         metrics::set_global(metrics.clone());
@@ -354,120 +347,4 @@ fn open_image(args: &Args) -> Result<(Arc<dyn DiskImage>, FormatArg), StartupErr
         },
     )?;
     Ok((Arc::from(image), format))
-}
-
-/// Create the listening socket, replacing a stale one but never a live one.
-fn listen(path: &Path) -> Result<Listener, StartupError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => return Err(StartupError::SocketInUse(path.to_path_buf())),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                info!("removing stale socket {}", path.display());
-                std::fs::remove_file(path).map_err(|source| StartupError::Socket {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            }
-            Err(source) => {
-                return Err(StartupError::Socket {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        },
-        Ok(_) => return Err(StartupError::SocketNotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(StartupError::Socket {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    }
-    Listener::new(path, false).map_err(|source| StartupError::Listen {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// SIGINT/SIGTERM (exit, removing the socket) and SIGUSR1 (log metrics),
-/// received synchronously by a dedicated thread.
-struct Signals {
-    set: libc::sigset_t,
-}
-
-impl Signals {
-    fn block() -> io::Result<Self> {
-        // SAFETY: sigemptyset/sigaddset only write the local set; pthread_sigmask
-        // reads it and changes this thread's mask.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
-                libc::sigaddset(&mut set, sig);
-            }
-            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if r != 0 {
-                return Err(io::Error::from_raw_os_error(r));
-            }
-            Ok(Signals { set })
-        }
-    }
-
-    fn spawn_handler(self, socket: PathBuf) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `self.set` is an initialised signal set and `sig` a valid out pointer.
-                let r = unsafe { libc::sigwait(&self.set, &mut sig) };
-                if r != 0 {
-                    continue;
-                }
-                if sig == libc::SIGUSR1 {
-                    if let Some(m) = metrics::global() {
-                        info!("{m}");
-                    }
-                    continue;
-                }
-                info!("signal {sig}: shutting down");
-                let _ = std::fs::remove_file(&socket);
-                if let Some(m) = metrics::global() {
-                    info!("exiting; {m}");
-                }
-                std::process::exit(0);
-            })
-            .map(|_| ())
-    }
-}
-
-/// A minimal stderr logger (`tern-blk: LEVEL: message`).
-struct Logger;
-
-impl Logger {
-    fn init(level: LevelFilter) {
-        static LOGGER: Logger = Logger;
-        if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(level);
-        }
-    }
-}
-
-impl log::Log for Logger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            let _ = writeln!(
-                io::stderr().lock(),
-                "tern-blk: {}: {}",
-                record.level(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
 }
