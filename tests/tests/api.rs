@@ -77,7 +77,10 @@ impl Tern {
         };
         // Connectable, not just present: the file appears at bind(), a
         // moment before listen().
-        t.wait_for(|| UnixStream::connect(&t.sock).is_ok(), "the API socket to accept connections");
+        t.wait_for(
+            || UnixStream::connect(&t.sock).is_ok(),
+            "the API socket to accept connections",
+        );
         t
     }
 
