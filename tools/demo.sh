@@ -11,8 +11,7 @@ cd "$(dirname "$0")/.."
 bash tools/install-deps.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
-cargo build --release -p tern
-TERN=target/release/tern
+TERN="$(tools/build-release.sh | tail -n 1)/tern"
 make -s -C tests/guests/unikernel OUT="$PWD/target/guests"
 
 kit() {
