@@ -196,29 +196,7 @@ impl BlkBackend {
                 let used = self.executor.process_chain(&*mem, chain, &self.limits);
                 done.push((head, used));
             }
-            {
-                let mut state = vring.get_mut();
-                for (head, used) in done {
-                    if let Err(e) = state.add_used(head, used) {
-                        warn!("cannot add to the used ring: {e}");
-                        Metrics::add(&self.metrics.queue_errors, 1);
-                    }
-                }
-            }
-            match vring.needs_notification() {
-                Ok(true) => match vring.signal_used_queue() {
-                    Ok(()) => Metrics::add(&self.metrics.notifications, 1),
-                    Err(e) => {
-                        warn!("cannot signal the used queue: {e}");
-                        Metrics::add(&self.metrics.queue_errors, 1);
-                    }
-                },
-                Ok(false) => {}
-                Err(e) => {
-                    debug!("cannot read used_event: {e}");
-                    Metrics::add(&self.metrics.queue_errors, 1);
-                }
-            }
+            self.add_used(vring, done);
         }
     }
 }
