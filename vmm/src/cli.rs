@@ -14,6 +14,7 @@ usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory M
             [--drive SPEC]... [--net SPEC]... [--config-file PATH]
             [--api-sock PATH] [--id ID]
        tern --api-sock PATH [--id ID]
+       tern --restore STATE,MEM [--serial WHERE] [--api-sock PATH] [--id ID]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
 off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
@@ -36,6 +37,9 @@ waits for configuration and InstanceStart there.
   --net SPEC            a virtio-net NIC (repeatable): tap=NAME[,mac=MAC]
                         [,queues=N][,mtu=N][,id=ID], or socket=PATH (an
                         external vhost-user-net backend) instead of tap=
+  --restore STATE,MEM   bring a VM back from a snapshot's state and memory
+                        files and run it (as PUT /snapshot/load with
+                        resume_vm)
   --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
   --id ID               the VM's id in the API (default tern-<pid>)
   --help, --version
@@ -87,6 +91,8 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     /// The VM's id.
     pub id: Option<String>,
+    /// A snapshot to restore and run: (state file, memory file).
+    pub restore: Option<(PathBuf, PathBuf)>,
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError>
@@ -224,9 +230,22 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut kernel: Option<PathBuf> = None;
     let mut initrd: Option<PathBuf> = None;
     let mut cmdline: Option<String> = None;
+    let mut restore: Option<(PathBuf, PathBuf)> = None;
     for (flag, value) in pairs {
         match flag.as_str() {
             "--config-file" => {}
+            "--restore" => match value.split_once(',') {
+                Some((state, mem)) if !state.is_empty() && !mem.is_empty() => {
+                    restore = Some((state.into(), mem.into()))
+                }
+                _ => {
+                    return Err(CliError::BadValue {
+                        flag: flag.clone(),
+                        value: value.clone(),
+                        why: "expected STATE_FILE,MEMORY_FILE".into(),
+                    })
+                }
+            },
             "--api-sock" => api_sock = Some(value.into()),
             "--net" => {
                 let index = config.network_interfaces.len();
@@ -278,8 +297,18 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             return Err(CliError::MissingValue("--kernel".into()));
         }
     }
+    if restore.is_some() && config.boot_source.is_some() {
+        return Err(CliError::BadValue {
+            flag: "--restore".into(),
+            value: String::new(),
+            why: "a restored VM has its own kernel; drop --kernel/--initrd/--cmdline/boot-source"
+                .into(),
+        });
+    }
     let boot_now = config.boot_source.is_some();
-    if boot_now || api_sock.is_none() {
+    if restore.is_some() {
+        // The snapshot carries the configuration.
+    } else if boot_now || api_sock.is_none() {
         config.validate()?;
     } else {
         config.machine_config.validate()?;
@@ -289,6 +318,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         boot_now,
         api_sock,
         id,
+        restore,
     })))
 }
 

@@ -8,11 +8,13 @@ use std::time::Instant;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::api::request::actions::ActionType;
+use crate::api::request::snapshot::LoadSnapshot;
 use crate::api::request::vm::VmState;
 use crate::api::server::{ApiCounters, ApiInbox};
 use crate::api::{ApiError, ApiRequest, ApiResponse};
 use crate::config::VmConfig;
 use crate::exit::{exit_channel, ExitReason, ExitReceiver, ExitSender};
+use crate::snapshot::{RestoreOptions, RestoreSource};
 use crate::vmm::{Vmm, VmmError};
 
 /// The VM and everything the API can ask about it.
@@ -65,6 +67,39 @@ impl Controller {
     pub fn start(&mut self) -> Result<(), VmmError> {
         let vmm = Vmm::boot(&self.pending, &self.exit_tx)?;
         self.vmm = Some(vmm);
+        Ok(())
+    }
+
+    /// Brings a VM back from a snapshot and runs it (`--restore`).
+    pub fn restore(
+        &mut self,
+        state: &std::path::Path,
+        mem: &std::path::Path,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        let req = LoadSnapshot {
+            snapshot_path: state.to_owned(),
+            mem_path: mem.to_owned(),
+            resume_vm: true,
+            track_dirty_pages: self.pending.machine_config.track_dirty_pages,
+            drive_overrides: Vec::new(),
+            network_overrides: Vec::new(),
+        };
+        self.load(&req)
+    }
+
+    fn load(&mut self, req: &LoadSnapshot) -> Result<(), crate::snapshot::SnapshotError> {
+        let src = RestoreSource {
+            state_path: req.snapshot_path.clone(),
+            mem_path: req.mem_path.clone(),
+        };
+        let opts = RestoreOptions {
+            resume: req.resume_vm,
+            track_dirty_pages: req.track_dirty_pages,
+            serial: Some(self.pending.serial.clone()),
+            drive_overrides: req.drive_overrides.clone(),
+            network_overrides: req.network_overrides.clone(),
+        };
+        self.vmm = Some(Vmm::restore(&src, &opts, &self.exit_tx)?);
         Ok(())
     }
 
@@ -181,6 +216,14 @@ impl Controller {
                     "vm: the VM is not started, it cannot be paused or resumed",
                 ))
             }
+            ApiRequest::CreateSnapshot(_) => {
+                return Err(ApiError::bad_request(
+                    "snapshot/create: the VM is not started",
+                ))
+            }
+            ApiRequest::LoadSnapshot(req) => self
+                .load(&req)
+                .map_err(|e| ApiError::bad_request(format!("snapshot/load: {e}")))?,
             common => return Err(misrouted(&common)),
         }
         Ok(ApiResponse::NoContent)
@@ -258,6 +301,15 @@ fn handle_runtime(vmm: &mut Vmm, request: ApiRequest) -> Result<ApiResponse, Api
             .map_err(|e| ApiError::internal(format!("vm: cannot pause: {e}")))?,
         ApiRequest::PatchVm(VmState::Resumed) => vmm.resume(),
         ApiRequest::GetDevices => return json(vmm.devices()),
+        ApiRequest::CreateSnapshot(c) => {
+            vmm.snapshot(c.kind, &c.snapshot_path, &c.mem_file_path)
+                .map_err(|e| ApiError::bad_request(format!("snapshot/create: {e}")))?;
+        }
+        ApiRequest::LoadSnapshot(_) => {
+            return Err(ApiError::bad_request(
+                "snapshot/load: this tern already runs a VM; load a snapshot into a fresh tern",
+            ))
+        }
         common => return Err(misrouted(&common)),
     }
     Ok(ApiResponse::NoContent)

@@ -76,6 +76,11 @@ fn run(opts: RunOptions) -> ExitCode {
             return fail(e, server.as_ref());
         }
     }
+    if let Some((state, mem)) = &opts.restore {
+        if let Err(e) = controller.restore(state, mem) {
+            return fail(e, server.as_ref());
+        }
+    }
     let controller = Arc::new(Mutex::new(controller));
     let mut events = match EventManager::<Arc<Mutex<Controller>>>::new() {
         Ok(em) => em,

@@ -50,15 +50,28 @@ pub enum MemoryError {
     Layout(String),
 }
 
+/// What guest RAM is mapped from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// A memfd mapped shared: vhost-user backends can map it too.
+    Memfd,
+    /// A snapshot's memory file mapped private (copy-on-write): pages are
+    /// read from the file only when touched, and writes stay in this
+    /// process. Not shareable with backends.
+    PrivateFile,
+}
+
 /// Guest RAM and the file behind it.
 pub struct GuestRam {
     /// The mapped regions.
     pub memory: GuestMemoryMmap,
-    /// The memfd holding every page, in guest-physical order (low RAM first,
+    /// The file holding every page, in guest-physical order (low RAM first,
     /// then high RAM).
     pub file: File,
     /// Total RAM size in bytes.
     pub size: u64,
+    /// What the mapping is.
+    pub backing: Backing,
 }
 
 /// The guest-physical RAM ranges for `size` bytes: below the MMIO hole
@@ -82,6 +95,12 @@ pub fn create_guest_ram(mib: u64, huge: bool) -> Result<GuestRam, MemoryError> {
     if huge {
         check_free_huge_pages(mib / 2)?;
     }
+    let file = new_memfd(size, huge)?;
+    map_ram(file, size, huge, Backing::Memfd)
+}
+
+/// A memfd of `size` bytes (of 2 MiB huge pages when `huge`).
+fn new_memfd(size: u64, huge: bool) -> Result<File, MemoryError> {
     let flags = if huge {
         libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
     } else {
@@ -97,7 +116,83 @@ pub fn create_guest_ram(mib: u64, huge: bool) -> Result<GuestRam, MemoryError> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|err| MemoryError::Truncate { size, err })?;
+    Ok(file)
+}
 
+/// Creates guest RAM of `size` bytes backed by a fresh memfd filled from
+/// `src` (a snapshot's memory file, possibly sparse: only its data extents
+/// are copied, holes stay unallocated).
+pub fn ram_from_file_copy(src: &File, size: u64) -> Result<GuestRam, MemoryError> {
+    let file = new_memfd(size, false)?;
+    copy_data_extents(src, &file, size).map_err(MemoryError::Memfd)?;
+    map_ram(file, size, false, Backing::Memfd)
+}
+
+/// Maps a snapshot's memory file private as guest RAM: nothing is read
+/// until the guest touches it.
+pub fn ram_from_file_private(file: File, size: u64) -> Result<GuestRam, MemoryError> {
+    map_ram(file, size, false, Backing::PrivateFile)
+}
+
+/// The data extents of `f` within `[start, end)`, as (offset, length),
+/// found with SEEK_DATA/SEEK_HOLE (a file system without them reports the
+/// whole range as data).
+pub fn data_extents(f: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on a valid descriptor with a valid whence.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data after pos. Anything else: assume all data.
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                out.push((pos, end - pos));
+            }
+            break;
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    out
+}
+
+/// Copies the data extents of `src` (up to `size`) into `dst` at the same
+/// offsets, with copy_file_range where the kernel can, else read/write.
+fn copy_data_extents(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4 << 20];
+    for (off, len) in data_extents(src, 0, size) {
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(buf.len());
+            let at = off + done;
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Maps `file` (already `size` bytes) as guest RAM.
+fn map_ram(file: File, size: u64, huge: bool, backing: Backing) -> Result<GuestRam, MemoryError> {
+    let share = match backing {
+        Backing::Memfd => libc::MAP_SHARED,
+        Backing::PrivateFile => libc::MAP_PRIVATE,
+    };
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (addr, len) in ram_ranges(size) {
@@ -108,9 +203,9 @@ pub fn create_guest_ram(mib: u64, huge: bool) -> Result<GuestRam, MemoryError> {
             // Huge pages are reserved at mmap time, so a shortage is an
             // error now rather than a SIGBUS when the guest touches memory.
             .with_mmap_flags(if huge {
-                libc::MAP_SHARED
+                share
             } else {
-                libc::MAP_SHARED | libc::MAP_NORESERVE
+                share | libc::MAP_NORESERVE
             })
             .build()
             .map_err(MemoryError::Mmap)?;
@@ -121,7 +216,12 @@ pub fn create_guest_ram(mib: u64, huge: bool) -> Result<GuestRam, MemoryError> {
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
-    Ok(GuestRam { memory, file, size })
+    Ok(GuestRam {
+        memory,
+        file,
+        size,
+        backing,
+    })
 }
 
 /// Fails unless the host has `needed` free 2 MiB huge pages.

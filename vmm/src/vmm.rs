@@ -20,7 +20,7 @@ use crate::kvm::cpuid::{self, CpuTemplate};
 use crate::kvm::irq::GsiRouter;
 use crate::kvm::pause::{self, PauseError, VcpuControl};
 use crate::kvm::regs;
-use crate::kvm::vcpu::{ExitCounters, Vcpu, VcpuShared};
+use crate::kvm::vcpu::{ExitCounters, SharedVcpuFd, Vcpu, VcpuShared};
 use crate::kvm::vm;
 use crate::machine::layout::{
     pci_intx_gsi, MMIO32_END, MMIO32_START, MMIO64_SIZE, PCI_FIRST_DEVICE_SLOT,
@@ -136,7 +136,7 @@ fn mmio64_window(ram_size: u64) -> (u64, u64) {
 }
 
 /// The CPU template for `config` on this host, announcing the pvm one.
-fn cpu_template(config: &VmConfig) -> CpuTemplate {
+pub(crate) fn cpu_template(config: &VmConfig) -> CpuTemplate {
     let template = config
         .machine_config
         .cpu_template
@@ -166,19 +166,22 @@ pub struct VirtioEntry {
 
 /// A VM whose vCPUs are running (or paused).
 pub struct Vmm {
-    config: VmConfig,
-    machine: machine::Machine,
-    virtio: Vec<VirtioEntry>,
-    vcpu_threads: Vec<JoinHandle<()>>,
-    control: Arc<VcpuControl>,
-    counters: Arc<ExitCounters>,
-    paused: bool,
-    boot_duration: Duration,
+    pub(crate) config: VmConfig,
+    pub(crate) machine: machine::Machine,
+    pub(crate) virtio: Vec<VirtioEntry>,
+    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    pub(crate) vcpu_fds: Vec<SharedVcpuFd>,
+    /// The MSRs a snapshot saves.
+    pub(crate) msr_list: Vec<u32>,
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) counters: Arc<ExitCounters>,
+    pub(crate) paused: bool,
+    pub(crate) boot_duration: Duration,
     // Dropped last: the vCPU threads and devices use the VM and its memory
     // until the process ends.
-    _vm: Arc<kvm_ioctls::VmFd>,
-    _ram: memory::GuestRam,
-    _raw_terminal: Option<RawTerminal>,
+    pub(crate) vm: Arc<kvm_ioctls::VmFd>,
+    pub(crate) ram: memory::GuestRam,
+    pub(crate) _raw_terminal: Option<RawTerminal>,
 }
 
 impl Vmm {
@@ -199,7 +202,8 @@ impl Vmm {
         // host kernel (milliseconds, whatever the size); nothing else needs
         // the slot until the vCPUs run, so the rest of the set-up overlaps it.
         let (registered, built) = std::thread::scope(|scope| {
-            let registering = scope.spawn(|| vm::register_memory(&vm_fd, &ram.memory));
+            let registering =
+                scope.spawn(|| vm::register_memory(&vm_fd, &ram.memory, mc.track_dirty_pages));
             let built = build_rest(&kvm, &vm_fd, &config, &ram, template, exit);
             let registered = registering.join().unwrap_or_else(|_| {
                 Err(vm::VmError::Kvm {
@@ -211,8 +215,32 @@ impl Vmm {
         });
         registered?;
         let (machine, virtio, vcpus, control, counters) = built?;
+        let msr_list = crate::kvm::state::msr_index_list(&kvm).unwrap_or_default();
+        Self::start(
+            config, machine, virtio, vcpus, control, counters, vm_fd, ram, msr_list, false, started,
+        )
+    }
 
+    /// Starts the vCPU threads of a built VM (paused first when `paused`:
+    /// they park before their first KVM_RUN).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        config: VmConfig,
+        machine: machine::Machine,
+        virtio: Vec<VirtioEntry>,
+        vcpus: Vec<Vcpu>,
+        control: Arc<VcpuControl>,
+        counters: Arc<ExitCounters>,
+        vm_fd: Arc<kvm_ioctls::VmFd>,
+        ram: memory::GuestRam,
+        msr_list: Vec<u32>,
+        paused: bool,
+        started: Instant,
+    ) -> Result<Self, VmmError> {
         pause::install_kick_handler().map_err(VmmError::Signal)?;
+        if paused {
+            control.hold();
+        }
         let raw_terminal = match config.serial {
             SerialOutput::Stdout => RawTerminal::enter(),
             _ => None,
@@ -221,9 +249,14 @@ impl Vmm {
         let _ = std::thread::Builder::new()
             .name("stdin".into())
             .spawn(move || forward_stdin(serial));
+        let vcpu_fds = vcpus.iter().map(|v| v.fd().clone()).collect();
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
         for v in vcpus {
             vcpu_threads.push(v.start()?);
+        }
+        if paused {
+            // Returns once every vCPU has parked before its first run.
+            control.pause(&vcpu_threads)?;
         }
         spawn_reconnector(&virtio);
         let boot_duration = started.elapsed();
@@ -233,12 +266,14 @@ impl Vmm {
             machine,
             virtio,
             vcpu_threads,
+            vcpu_fds,
+            msr_list,
             control,
             counters,
-            paused: false,
+            paused,
             boot_duration,
-            _vm: vm_fd,
-            _ram: ram,
+            vm: vm_fd,
+            ram,
             _raw_terminal: raw_terminal,
         })
     }
@@ -320,7 +355,7 @@ impl Vmm {
     }
 }
 
-type Built = (
+pub(crate) type Built = (
     machine::Machine,
     Vec<VirtioEntry>,
     Vec<Vcpu>,
@@ -574,16 +609,7 @@ fn build_rest(
     let Some(boot_source) = config.boot_source.as_ref() else {
         return Err(crate::config::ConfigError::Invalid("no kernel given".into()).into());
     };
-    let serial_out = SerialOut::new(serial_sink(&config.serial)?);
-    let machine = machine::build(vm_fd, exit, serial_out)?;
-    let env = PciEnv {
-        vm: vm_fd.clone(),
-        mmio: machine.mmio.clone(),
-        router: Arc::new(GsiRouter::new(vm_fd.clone())),
-        mem: ram.memory.clone(),
-    };
-    let virtio = build_drives(config, &env, &machine)?;
-
+    let built = build_platform(kvm, vm_fd, config, ram, template, exit)?;
     let rsdp = acpi::create_acpi_tables(
         &ram.memory,
         &AcpiConfig {
@@ -600,6 +626,32 @@ fn build_rest(
         rsdp,
     };
     let entry = boot::prepare(&ram.memory, &spec)?;
+    if let Some(bsp) = built.2.first() {
+        regs::setup_boot_vcpu(&crate::kvm::vcpu::lock_fd(bsp.fd()), &ram.memory, entry)?;
+    }
+    Ok(built)
+}
+
+/// The machine, its devices (backends started or connected) and the
+/// vCPUs (CPUID, MSRs, LAPIC): what a boot and a restore both need.
+pub(crate) fn build_platform(
+    kvm: &kvm_ioctls::Kvm,
+    vm_fd: &Arc<kvm_ioctls::VmFd>,
+    config: &VmConfig,
+    ram: &memory::GuestRam,
+    template: CpuTemplate,
+    exit: &ExitSender,
+) -> Result<Built, VmmError> {
+    let mc = &config.machine_config;
+    let serial_out = SerialOut::new(serial_sink(&config.serial)?);
+    let machine = machine::build(vm_fd, exit, serial_out)?;
+    let env = PciEnv {
+        vm: vm_fd.clone(),
+        mmio: machine.mmio.clone(),
+        router: Arc::new(GsiRouter::new(vm_fd.clone())),
+        mem: ram.memory.clone(),
+    };
+    let virtio = build_drives(config, &env, &machine)?;
 
     let base_cpuid = cpuid::supported(kvm)?;
     let control = Arc::new(VcpuControl::default());
@@ -621,9 +673,6 @@ fn build_rest(
             template,
             shared.clone(),
         )?);
-    }
-    if let Some(bsp) = vcpus.first() {
-        regs::setup_boot_vcpu(bsp.fd(), &ram.memory, entry)?;
     }
     Ok((machine, virtio, vcpus, control, counters))
 }

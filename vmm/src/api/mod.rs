@@ -44,6 +44,10 @@ pub enum ApiRequest {
     PutLogger(LoggerConfig),
     /// `GET /metrics`
     GetMetrics,
+    /// `PUT /snapshot/create`
+    CreateSnapshot(request::snapshot::CreateSnapshot),
+    /// `PUT /snapshot/load`
+    LoadSnapshot(request::snapshot::LoadSnapshot),
 }
 
 /// A successful answer.

@@ -3,7 +3,7 @@
 //! `api-spec/tern.yaml`.
 
 use super::request::{
-    actions, boot_source, drives, logger, machine_config, network_interfaces, vm,
+    actions, boot_source, drives, logger, machine_config, network_interfaces, snapshot, vm,
 };
 use super::{ApiError, ApiRequest};
 
@@ -22,6 +22,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/devices"),
     ("PUT", "/logger"),
     ("GET", "/metrics"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// The path without query string or a trailing slash.
@@ -52,6 +54,8 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiErro
         ("GET", "/devices") => ApiRequest::GetDevices,
         ("PUT", "/logger") => ApiRequest::PutLogger(logger::parse(body)?),
         ("GET", "/metrics") => ApiRequest::GetMetrics,
+        ("PUT", "/snapshot/create") => ApiRequest::CreateSnapshot(snapshot::parse_create(body)?),
+        ("PUT", "/snapshot/load") => ApiRequest::LoadSnapshot(snapshot::parse_load(body)?),
         ("PUT", p) if param(p, "/drives/").is_some() => {
             let id = param(p, "/drives/").unwrap_or_default();
             ApiRequest::PutDrive(drives::parse(id, body)?)

@@ -28,6 +28,23 @@ const SLP_TYP_MASK: u16 = 0x7;
 /// The PM timer runs at 3.579545 MHz.
 const PM_TIMER_HZ: u128 = 3_579_545;
 
+/// The PM block's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiPmSnapshot {
+    /// PM1 status.
+    pub pm1_sts: u16,
+    /// PM1 enable.
+    pub pm1_en: u16,
+    /// PM1 control.
+    pub pm1_cnt: u16,
+    /// GPE0 status bytes.
+    pub gpe0_sts: Vec<u8>,
+    /// GPE0 enable bytes.
+    pub gpe0_en: Vec<u8>,
+    /// Nanoseconds the PM timer had counted.
+    pub timer_ns: u64,
+}
+
 /// The PM register block.
 pub struct AcpiPm {
     pm1_sts: u16,
@@ -51,6 +68,36 @@ impl AcpiPm {
             start: Instant::now(),
             exit,
         }
+    }
+
+    /// The PM registers and the timer's age, for a snapshot.
+    pub fn save(&self) -> AcpiPmSnapshot {
+        AcpiPmSnapshot {
+            pm1_sts: self.pm1_sts,
+            pm1_en: self.pm1_en,
+            pm1_cnt: self.pm1_cnt,
+            gpe0_sts: self.gpe0_sts.to_vec(),
+            gpe0_en: self.gpe0_en.to_vec(),
+            timer_ns: self.start.elapsed().as_nanos() as u64,
+        }
+    }
+
+    /// Puts the registers back; the PM timer continues from its saved count.
+    pub fn restore(&mut self, snap: &AcpiPmSnapshot) {
+        self.pm1_sts = snap.pm1_sts;
+        self.pm1_en = snap.pm1_en;
+        self.pm1_cnt = snap.pm1_cnt | SCI_EN;
+        for (dst, src) in [
+            (&mut self.gpe0_sts, &snap.gpe0_sts),
+            (&mut self.gpe0_en, &snap.gpe0_en),
+        ] {
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+        }
+        let now = Instant::now();
+        self.start = now
+            .checked_sub(std::time::Duration::from_nanos(snap.timer_ns))
+            .unwrap_or(now);
     }
 
     fn timer(&self) -> u32 {

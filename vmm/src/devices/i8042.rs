@@ -107,6 +107,25 @@ enum KbdArg {
     Typematic,
 }
 
+/// The i8042's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    /// Controller RAM (byte 0: the command byte).
+    pub ram: Vec<u8>,
+    /// The output port.
+    pub output_port: u8,
+    /// The last write went to the command port.
+    pub last_write_cmd: bool,
+    /// Bytes waiting for the guest.
+    pub queue: Vec<u8>,
+    /// The byte last read.
+    pub last_read: u8,
+    /// The keyboard scans.
+    pub kbd_scanning: bool,
+    /// The keyboard's scancode set.
+    pub kbd_set: u8,
+}
+
 /// The i8042 on ports 0x60-0x64.
 pub struct I8042 {
     reset: ExitTrigger,
@@ -149,6 +168,35 @@ impl I8042 {
             kbd_arg: None,
             kbd_set: 2,
         }
+    }
+
+    /// The controller's RAM, output port, queued bytes and keyboard mode,
+    /// for a snapshot. A command half-way through its argument byte is not
+    /// kept (the guest's driver retries).
+    pub fn save(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            ram: self.ram.to_vec(),
+            output_port: self.output_port,
+            last_write_cmd: self.last_write_cmd,
+            queue: self.queue.iter().copied().collect(),
+            last_read: self.last_read,
+            kbd_scanning: self.kbd_scanning,
+            kbd_set: self.kbd_set,
+        }
+    }
+
+    /// Puts the controller back as saved.
+    pub fn restore(&mut self, snap: &I8042Snapshot) {
+        let n = snap.ram.len().min(self.ram.len());
+        self.ram[..n].copy_from_slice(&snap.ram[..n]);
+        self.output_port = snap.output_port;
+        self.last_write_cmd = snap.last_write_cmd;
+        self.pending = None;
+        self.queue = snap.queue.iter().copied().take(QUEUE_LEN).collect();
+        self.last_read = snap.last_read;
+        self.kbd_scanning = snap.kbd_scanning;
+        self.kbd_arg = None;
+        self.kbd_set = snap.kbd_set;
     }
 
     /// Bytes dropped so far because the output queue was full.

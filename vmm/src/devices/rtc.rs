@@ -87,6 +87,17 @@ fn host_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The RTC's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcSnapshot {
+    /// The selected CMOS register.
+    pub index: u8,
+    /// The 128 CMOS bytes.
+    pub cmos: Vec<u8>,
+    /// Guest time minus host time, in seconds.
+    pub offset: i64,
+}
+
 /// The CMOS/RTC device.
 pub struct Rtc {
     index: u8,
@@ -113,6 +124,24 @@ impl Rtc {
             cmos,
             offset: 0,
         }
+    }
+
+    /// The CMOS contents and clock offset, for a snapshot.
+    pub fn save(&self) -> RtcSnapshot {
+        RtcSnapshot {
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+            offset: self.offset,
+        }
+    }
+
+    /// Puts the CMOS back as saved (the clock keeps the guest's offset
+    /// from host time).
+    pub fn restore(&mut self, snap: &RtcSnapshot) {
+        self.index = snap.index & 0x7f;
+        let n = snap.cmos.len().min(self.cmos.len());
+        self.cmos[..n].copy_from_slice(&snap.cmos[..n]);
+        self.offset = snap.offset;
     }
 
     fn encode(&self, v: u8) -> u8 {

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -76,6 +76,68 @@ impl SerialDevice {
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
     }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART back in a saved state, keeping its output and
+    /// interrupt line.
+    pub fn restore(&mut self, snap: &SerialSnapshot) -> Result<(), String> {
+        let [bdl, bdh, ier, iir, lcr, lsr, mcr, msr, scr] = snap.regs;
+        let state = SerialState {
+            baud_divisor_low: bdl,
+            baud_divisor_high: bdh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("serial: {e}"))?;
+        // Take the output out of the old UART to give it to the new one.
+        let placeholder = Serial::new(
+            EventFdTrigger(irq.try_clone().map_err(|e| format!("serial: {e}"))?),
+            SerialOut::new(Box::new(io::sink())),
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(())
+    }
+}
+
+/// The UART's saved state: the nine registers (DLL, DLM, IER, IIR, LCR,
+/// LSR, MCR, MSR, SCR) and the bytes waiting for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// The registers, in the order above.
+    pub regs: [u8; 9],
+    /// The receive FIFO.
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {

@@ -5,5 +5,6 @@ pub mod irq;
 pub mod msrs;
 pub mod pause;
 pub mod regs;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -107,6 +107,12 @@ impl VcpuControl {
         }
     }
 
+    /// Asks for a pause without kicking anyone: vCPU threads started after
+    /// this park before their first run (a VM restored paused).
+    pub fn hold(&self) {
+        self.lock().pause = true;
+    }
+
     /// Lets every parked vCPU run again.
     pub fn resume(&self) {
         self.lock().pause = false;

@@ -2,7 +2,7 @@
 //! that sends port and MMIO exits to the device buses.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
     kvm_lapic_state, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -54,9 +54,20 @@ pub struct ExitCounters {
 
 /// What a vCPU thread needs to run.
 pub struct Vcpu {
-    fd: VcpuFd,
+    fd: SharedVcpuFd,
     index: u32,
     shared: VcpuShared,
+}
+
+/// A vCPU's KVM handle, shared between its thread (which holds the lock only
+/// around each KVM_RUN and exit) and the VMM thread, which saves and
+/// restores its state while the vCPU is paused.
+pub type SharedVcpuFd = Arc<Mutex<VcpuFd>>;
+
+/// Locks a vCPU handle; a poisoned lock (a vCPU thread that panicked) still
+/// gives the handle, whose state KVM keeps consistent.
+pub fn lock_fd(fd: &SharedVcpuFd) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What every vCPU of a VM shares: the buses, the exit channel, the exit
@@ -113,6 +124,14 @@ fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> Option<String> {
     )
 }
 
+/// The guest's instruction pointer, for error messages.
+fn rip(fd: &VcpuFd) -> String {
+    match fd.get_regs() {
+        Ok(r) => format!("{:#x}", r.rip),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
 impl Vcpu {
     /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and LAPIC.
     pub fn new(
@@ -159,11 +178,15 @@ impl Vcpu {
             (lvt1 & !0x700) | (APIC_MODE_NMI << 8),
         );
         fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        Ok(Self { fd, index, shared })
+        Ok(Self {
+            fd: Arc::new(Mutex::new(fd)),
+            index,
+            shared,
+        })
     }
 
-    /// The KVM vCPU, for boot register setup.
-    pub fn fd(&self) -> &VcpuFd {
+    /// The KVM vCPU, for boot register setup and state save/restore.
+    pub fn fd(&self) -> &SharedVcpuFd {
         &self.fd
     }
 
@@ -183,17 +206,10 @@ impl Vcpu {
         });
     }
 
-    fn rip(&self) -> String {
-        match self.fd.get_regs() {
-            Ok(r) => format!("{:#x}", r.rip),
-            Err(e) => format!("unknown ({e})"),
-        }
-    }
-
     /// Describes a KVM_EXIT_INTERNAL_ERROR from the kvm_run area.
-    fn internal_error(&mut self) -> String {
-        let rip = self.rip();
-        let run = self.fd.get_kvm_run();
+    fn internal_error(fd: &mut VcpuFd) -> String {
+        let rip = rip(fd);
+        let run = fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
         // `internal` member of the union is the one KVM filled in.
         let internal = unsafe { run.__bindgen_anon_1.internal };
@@ -226,13 +242,14 @@ impl Vcpu {
         )
     }
 
-    fn run(mut self) {
+    fn run(self) {
         loop {
             self.shared.control.park_if_paused();
             if self.shared.exit.is_stopping() {
                 return;
             }
-            let result = self.fd.run();
+            let mut fd = lock_fd(&self.fd);
+            let result = fd.run();
             match result {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.shared.counters.io.fetch_add(1, Ordering::Relaxed);
@@ -292,14 +309,15 @@ impl Vcpu {
                     return;
                 }
                 Ok(VcpuExit::InternalError) => {
-                    let msg = self.internal_error();
+                    drop(result);
+                    let msg = Self::internal_error(&mut fd);
                     self.fail(msg);
                     return;
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     let msg = format!(
                         "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x} on host CPU {cpu}) at guest RIP {}",
-                        self.rip()
+                        rip(&fd)
                     );
                     self.fail(msg);
                     return;
@@ -309,7 +327,7 @@ impl Vcpu {
                 }
                 Ok(other) => {
                     let what = format!("{other:?}");
-                    let msg = format!("unexpected exit {what} at guest RIP {}", self.rip());
+                    let msg = format!("unexpected exit {what} at guest RIP {}", rip(&fd));
                     self.fail(msg);
                     return;
                 }
@@ -317,7 +335,7 @@ impl Vcpu {
                     self.shared.counters.other.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let msg = format!("KVM_RUN failed: {e} at guest RIP {}", self.rip());
+                    let msg = format!("KVM_RUN failed: {e} at guest RIP {}", rip(&fd));
                     self.fail(msg);
                     return;
                 }

@@ -67,8 +67,9 @@ pub fn create_vm(kvm: &Kvm, vcpus: u32) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Registers every guest memory region as a KVM memory slot.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+/// Registers every guest memory region as a KVM memory slot (slot i is
+/// region i), with dirty-page logging when `log_dirty`.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -78,7 +79,11 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
             })?;
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -90,4 +95,16 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+/// Reads and clears the dirty bitmap of every memory slot (one `u64` per
+/// 64 pages, slot i = region i).
+pub fn dirty_bitmaps(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, r)| {
+            vm.get_dirty_log(slot as u32, r.len() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+        })
+        .collect()
 }

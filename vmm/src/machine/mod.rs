@@ -112,6 +112,10 @@ pub struct Machine {
     pub pci: SharedPciBus,
     /// The keyboard controller, for Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The CMOS RTC (snapshots).
+    pub rtc: Arc<Mutex<Rtc>>,
+    /// The ACPI PM block (snapshots).
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
     /// Every device, for `GET /devices`.
     pub devices: Vec<DeviceInfo>,
 }
@@ -140,10 +144,12 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         irq_line(vm, I8042_IRQ)?,
     )));
     pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 5)?;
-    pio.insert(Arc::new(Mutex::new(Rtc::new())), u64::from(RTC_PORT), 2)?;
+    let rtc = Arc::new(Mutex::new(Rtc::new()));
+    pio.insert(rtc.clone(), u64::from(RTC_PORT), 2)?;
     pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1)?;
+    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
     pio.insert(
-        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        acpi_pm.clone(),
         u64::from(ACPI_PM_BASE),
         u64::from(ACPI_PM_SIZE),
     )?;
@@ -201,6 +207,8 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         serial,
         pci,
         i8042,
+        rtc,
+        acpi_pm,
         devices,
     })
 }

@@ -228,6 +228,12 @@ impl VirtioDevice for VhostUserDevice {
         Ok(true)
     }
 
+    fn pause(&mut self) -> Result<Vec<(usize, u16)>, ActivateError> {
+        self.handle
+            .stop()
+            .map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+
     fn reset(&mut self) {
         if let Err(e) = self.handle.stop() {
             log::warn!(

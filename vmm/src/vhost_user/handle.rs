@@ -309,19 +309,24 @@ impl VhostUserHandle {
         Ok(())
     }
 
-    /// Stops every started vring (GET_VRING_BASE), as for a device reset.
-    pub fn stop(&mut self) -> Result<(), VhostUserError> {
+    /// Stops every started vring (GET_VRING_BASE), as for a device reset
+    /// or a snapshot. Returns each ring's index and the next avail index
+    /// the backend would have processed.
+    pub fn stop(&mut self) -> Result<Vec<(usize, u16)>, VhostUserError> {
+        let mut bases = Vec::new();
         for i in std::mem::take(&mut self.started) {
             if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
                 self.frontend
                     .set_vring_enable(i, false)
                     .map_err(step("SET_VRING_ENABLE"))?;
             }
-            self.frontend
+            let base = self
+                .frontend
                 .get_vring_base(i)
                 .map_err(step("GET_VRING_BASE"))?;
+            bases.push((i, base as u16));
         }
-        Ok(())
+        Ok(bases)
     }
 
     /// Whether the backend has hung up (its end of the socket closed).

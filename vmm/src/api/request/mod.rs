@@ -6,4 +6,5 @@ pub mod drives;
 pub mod logger;
 pub mod machine_config;
 pub mod network_interfaces;
+pub mod snapshot;
 pub mod vm;

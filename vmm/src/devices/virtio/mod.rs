@@ -77,6 +77,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, ActivateError> {
         Ok(false)
     }
+    /// Stops serving the queues for a snapshot or migration (the driver's
+    /// setup stays). Returns each stopped queue's next avail index.
+    fn pause(&mut self) -> Result<Vec<(usize, u16)>, ActivateError> {
+        Ok(Vec::new())
+    }
     /// Who serves the device (a backend socket), for `GET /devices`.
     fn backend(&self) -> Option<String> {
         None

@@ -60,6 +60,17 @@ impl ConfigSpace {
         cs
     }
 
+    /// Every byte, for a snapshot.
+    pub fn save(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Puts saved bytes back (as many as fit).
+    pub fn restore(&mut self, saved: &[u8]) {
+        let n = saved.len().min(CONFIG_SPACE_SIZE);
+        self.bytes[..n].copy_from_slice(&saved[..n]);
+    }
+
     /// Sets bytes (as the device, ignoring the write mask).
     pub fn set(&mut self, offset: u16, data: &[u8]) {
         let at = usize::from(offset);

@@ -59,7 +59,7 @@ pub mod reg {
 }
 
 /// One queue's registers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueState {
     /// Largest size the device offers.
     pub max_size: u16,
@@ -102,8 +102,8 @@ pub enum Effect {
     Activate,
 }
 
-/// The common configuration registers.
-#[derive(Debug, Clone)]
+/// The common configuration registers (saved whole in snapshots).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CommonCfg {
     /// Features the device offers.
     pub device_features: u64,

@@ -8,6 +8,7 @@
 pub mod common_cfg;
 pub mod intx;
 pub mod msix;
+pub mod persist;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};

@@ -6,7 +6,7 @@ pub const ENTRY_SIZE: u64 = 16;
 const MASKED: u32 = 1;
 
 /// One table entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsixEntry {
     /// Message address.
     pub address: u64,
@@ -23,8 +23,8 @@ impl MsixEntry {
     }
 }
 
-/// The table.
-#[derive(Debug, Clone)]
+/// The table (saved whole in snapshots).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MsixTable {
     entries: Vec<MsixEntry>,
 }
