@@ -15,6 +15,7 @@ usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory M
             [--api-sock PATH] [--id ID]
        tern --api-sock PATH [--id ID]
        tern --restore STATE,MEM [--serial WHERE] [--api-sock PATH] [--id ID]
+       tern --merge-memory BASE,DIFF[,DIFF...]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
 off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
@@ -40,6 +41,9 @@ waits for configuration and InstanceStart there.
   --restore STATE,MEM   bring a VM back from a snapshot's state and memory
                         files and run it (as PUT /snapshot/load with
                         resume_vm)
+  --merge-memory BASE,DIFF...
+                        lay diff snapshots' memory files (oldest first) over
+                        a full one, in place, and exit
   --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
   --id ID               the VM's id in the API (default tern-<pid>)
   --help, --version
@@ -78,6 +82,13 @@ pub enum Command {
     Version,
     /// Run a VM (boot it now if a kernel is configured).
     Run(Box<RunOptions>),
+    /// Merge diff memory files into a base memory file.
+    MergeMemory {
+        /// The full memory file, rewritten in place.
+        base: PathBuf,
+        /// Diff memory files, oldest first.
+        diffs: Vec<PathBuf>,
+    },
 }
 
 /// What to run.
@@ -219,6 +230,24 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             }
         };
         pairs.push((flag, value));
+    }
+    if let Some((_, v)) = pairs.iter().find(|(f, _)| f == "--merge-memory") {
+        let files: Vec<PathBuf> = v
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect();
+        if pairs.len() != 1 || files.len() < 2 {
+            return Err(CliError::BadValue {
+                flag: "--merge-memory".into(),
+                value: v.clone(),
+                why: "expected BASE,DIFF[,DIFF...] and no other option".into(),
+            });
+        }
+        return Ok(Command::MergeMemory {
+            base: files[0].clone(),
+            diffs: files[1..].to_vec(),
+        });
     }
 
     let mut config = match pairs.iter().find(|(f, _)| f == "--config-file") {
@@ -375,5 +404,25 @@ mod tests {
             parse(args("--kernel /k --cpu-template fast")),
             Err(CliError::BadValue { .. })
         ));
+    }
+
+    #[test]
+    fn restore_and_merge_memory() {
+        let Command::Run(o) = parse(args("--restore /s,/m --api-sock /a")).unwrap() else {
+            panic!("expected run");
+        };
+        assert_eq!(o.restore, Some((PathBuf::from("/s"), PathBuf::from("/m"))));
+        assert!(!o.boot_now);
+        assert!(parse(args("--restore /s")).is_err());
+        assert!(parse(args("--restore /s,/m --kernel /k")).is_err());
+        match parse(args("--merge-memory /b,/d1,/d2")).unwrap() {
+            Command::MergeMemory { base, diffs } => {
+                assert_eq!(base, PathBuf::from("/b"));
+                assert_eq!(diffs.len(), 2);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(parse(args("--merge-memory /b")).is_err());
+        assert!(parse(args("--merge-memory /b,/d --cpus 2")).is_err());
     }
 }

@@ -125,6 +125,23 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Command::Run(opts)) => run(*opts),
+        Ok(Command::MergeMemory { base, diffs }) => {
+            match tern::snapshot::merge_memory_files(&base, &diffs) {
+                Ok(bytes) => {
+                    eprintln!(
+                        "tern: merged {} diff(s) into {} ({} MiB of pages)",
+                        diffs.len(),
+                        base.display(),
+                        bytes >> 20
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tern: error: merging into {}: {e}", base.display());
+                    ExitCode::from(ERROR_STATUS as u8)
+                }
+            }
+        }
         Err(e) => {
             eprintln!("tern: error: {e}");
             ExitCode::from(ERROR_STATUS as u8)
