@@ -31,6 +31,7 @@ use crate::memory;
 use crate::terminal::RawTerminal;
 use crate::vhost_user::backend_process::{backend_binary, BackendProcess};
 use crate::vhost_user::device::VhostUserDevice;
+use crate::vhost_user::dirty_log::DirtyLog;
 use std::sync::Mutex;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
@@ -102,6 +103,9 @@ pub enum VmmError {
         /// What went wrong.
         err: crate::devices::virtio::pci::VirtioPciError,
     },
+    /// The vhost-user dirty log could not be made.
+    #[error(transparent)]
+    DirtyLog(#[from] crate::vhost_user::dirty_log::DirtyLogError),
     /// No room for a BAR.
     #[error("no room for a PCI BAR in the MMIO window: {0:?}")]
     Bar(vm_allocator::Error),
@@ -181,6 +185,9 @@ pub struct Vmm {
     // until the process ends.
     pub(crate) vm: Arc<kvm_ioctls::VmFd>,
     pub(crate) ram: memory::GuestRam,
+    /// The log the vhost-user backends mark their writes in, while dirty
+    /// pages are tracked.
+    pub(crate) dirty_log: Option<Arc<DirtyLog>>,
     pub(crate) _raw_terminal: Option<RawTerminal>,
 }
 
@@ -214,11 +221,9 @@ impl Vmm {
             (registered, built)
         });
         registered?;
-        let (machine, virtio, vcpus, control, counters) = built?;
+        let built = built?;
         let msr_list = crate::kvm::state::msr_index_list(&kvm).unwrap_or_default();
-        Self::start(
-            config, machine, virtio, vcpus, control, counters, vm_fd, ram, msr_list, false, started,
-        )
+        Self::start(config, built, vm_fd, ram, msr_list, false, started)
     }
 
     /// Starts the vCPU threads of a built VM (paused first when `paused`:
@@ -226,17 +231,14 @@ impl Vmm {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         config: VmConfig,
-        machine: machine::Machine,
-        virtio: Vec<VirtioEntry>,
-        vcpus: Vec<Vcpu>,
-        control: Arc<VcpuControl>,
-        counters: Arc<ExitCounters>,
+        built: Built,
         vm_fd: Arc<kvm_ioctls::VmFd>,
         ram: memory::GuestRam,
         msr_list: Vec<u32>,
         paused: bool,
         started: Instant,
     ) -> Result<Self, VmmError> {
+        let (machine, virtio, vcpus, control, counters, dirty_log) = built;
         pause::install_kick_handler().map_err(VmmError::Signal)?;
         if paused {
             control.hold();
@@ -274,6 +276,7 @@ impl Vmm {
             boot_duration,
             vm: vm_fd,
             ram,
+            dirty_log,
             _raw_terminal: raw_terminal,
         })
     }
@@ -361,6 +364,7 @@ pub(crate) type Built = (
     Vec<Vcpu>,
     Arc<VcpuControl>,
     Arc<ExitCounters>,
+    Option<Arc<DirtyLog>>,
 );
 
 /// How often devices whose backend went away look for a new one.
@@ -652,6 +656,21 @@ pub(crate) fn build_platform(
         mem: ram.memory.clone(),
     };
     let virtio = build_drives(config, &env, &machine)?;
+    // The backends log what they write for diff snapshots and migration.
+    let dirty_log = if mc.track_dirty_pages && !virtio.is_empty() {
+        let log = Arc::new(DirtyLog::new(&ram.memory).map_err(VmmError::DirtyLog)?);
+        for v in &virtio {
+            lock(&v.device)
+                .set_dirty_log(Some(log.clone()))
+                .map_err(|e| VmmError::VirtioPci {
+                    drive: v.id.clone(),
+                    err: crate::devices::virtio::pci::VirtioPciError::Log(e.to_string()),
+                })?;
+        }
+        Some(log)
+    } else {
+        None
+    };
 
     let base_cpuid = cpuid::supported(kvm)?;
     let control = Arc::new(VcpuControl::default());
@@ -674,7 +693,7 @@ pub(crate) fn build_platform(
             shared.clone(),
         )?);
     }
-    Ok((machine, virtio, vcpus, control, counters))
+    Ok((machine, virtio, vcpus, control, counters, dirty_log))
 }
 
 #[cfg(test)]

@@ -297,13 +297,13 @@ impl Vmm {
         // With dirty tracking on, the bitmap is read (and cleared) by every
         // snapshot, so the next diff holds what changed after this one.
         let dirty = if self.config.machine_config.track_dirty_pages {
-            Some(crate::kvm::vm::dirty_bitmaps(&self.vm, &self.ram.memory)?)
+            let kvm = crate::kvm::vm::dirty_bitmaps(&self.vm, &self.ram.memory)?;
+            Some(self.with_backend_dirty_pages(kvm))
         } else {
             None
         };
         let written = match (kind, dirty) {
             (SnapshotKind::Diff, Some(bitmaps)) => {
-                let bitmaps = self.with_backend_dirty_pages(bitmaps);
                 memory::write_diff(&self.ram, mem_file.file(), &bitmaps).map_err(mem_err)?
             }
             _ => memory::write_full(&self.ram, mem_file.file()).map_err(mem_err)?,
@@ -319,16 +319,22 @@ impl Vmm {
         Ok(written)
     }
 
-    /// Adds to KVM's dirty bitmaps the pages the vhost-user backends may
-    /// have written (used rings, buffers they filled), which KVM does not
-    /// see. tern does not read the backends' shared dirty log yet, so with
-    /// vhost-user devices every page the memfd holds counts as dirty: the
-    /// diff is correct, only larger (see docs/snapshot.md).
+    /// Adds to KVM's dirty bitmaps the pages the vhost-user backends wrote
+    /// (used rings, buffers they filled), which KVM does not see: from the
+    /// shared dirty log they mark. A backend without one would leave the
+    /// diff unsafe, so then every page the memfd holds counts as dirty.
     fn with_backend_dirty_pages(&self, mut bitmaps: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
-        if !self.virtio.is_empty() {
-            for b in bitmaps.iter_mut() {
-                b.iter_mut().for_each(|w| *w = u64::MAX);
+        match &self.dirty_log {
+            Some(log) => {
+                let theirs = log.take(&self.ram.memory);
+                crate::vhost_user::dirty_log::merge_bitmaps(&mut bitmaps, &theirs);
             }
+            None if !self.virtio.is_empty() => {
+                for b in bitmaps.iter_mut() {
+                    b.iter_mut().for_each(|w| *w = u64::MAX);
+                }
+            }
+            None => {}
         }
         bitmaps
     }

@@ -138,8 +138,8 @@ impl Vmm {
             std::sync::Arc::new(vm::create_vm(&kvm, mc.vcpu_count).map_err(|e| vmm_err(e.into()))?);
         vm::register_memory(&vm_fd, &ram.memory, mc.track_dirty_pages)
             .map_err(|e| vmm_err(e.into()))?;
-        let (machine, virtio, vcpus, control, counters) =
-            build_platform(&kvm, &vm_fd, &config, &ram, template, exit).map_err(vmm_err)?;
+        let built = build_platform(&kvm, &vm_fd, &config, &ram, template, exit).map_err(vmm_err)?;
+        let (machine, virtio, vcpus) = (&built.0, &built.1, &built.2);
 
         state::restore_vm(&vm_fd, &state.vm)?;
         for (v, s) in vcpus.iter().zip(&state.vcpus) {
@@ -179,20 +179,8 @@ impl Vmm {
         }
 
         let msr_list = state::msr_index_list(&kvm).unwrap_or_default();
-        let vmm = Self::start(
-            config,
-            machine,
-            virtio,
-            vcpus,
-            control,
-            counters,
-            vm_fd,
-            ram,
-            msr_list,
-            !opts.resume,
-            started,
-        )
-        .map_err(vmm_err)?;
+        let vmm = Self::start(config, built, vm_fd, ram, msr_list, !opts.resume, started)
+            .map_err(vmm_err)?;
         log::info!(
             "restored from {} in {:.2} ms ({})",
             src.state_path.display(),

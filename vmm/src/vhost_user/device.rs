@@ -37,6 +37,8 @@ pub struct VhostUserDevice {
     handle: VhostUserHandle,
     config: Vec<u8>,
     features: u64,
+    /// The dirty log the backend writes to, while pages are tracked.
+    dirty_log: Option<std::sync::Arc<super::dirty_log::DirtyLog>>,
     /// The managed backend process, if tern started it; ends with the device.
     _process: Option<BackendProcess>,
 }
@@ -64,6 +66,7 @@ impl VhostUserDevice {
             handle,
             config,
             features,
+            dirty_log: None,
             _process: process,
         })
     }
@@ -218,6 +221,10 @@ impl VirtioDevice for VhostUserDevice {
         }
         handle.set_mem_table(mem).map_err(err)?;
         self.handle = handle;
+        // The new backend logs into the same dirty log as the old one.
+        self.handle
+            .set_dirty_log(self.dirty_log.clone())
+            .map_err(err)?;
         if let Some((features, queues)) = active {
             self.activate(mem, features, queues)?;
         }
@@ -226,6 +233,17 @@ impl VirtioDevice for VhostUserDevice {
             socket.display()
         );
         Ok(true)
+    }
+
+    fn set_dirty_log(
+        &mut self,
+        log: Option<std::sync::Arc<super::dirty_log::DirtyLog>>,
+    ) -> Result<(), ActivateError> {
+        self.handle
+            .set_dirty_log(log.clone())
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        self.dirty_log = log;
+        Ok(())
     }
 
     fn pause(&mut self) -> Result<Vec<(usize, u16)>, ActivateError> {

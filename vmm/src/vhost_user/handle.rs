@@ -117,6 +117,10 @@ pub struct VhostUserHandle {
     protocol: VhostUserProtocolFeatures,
     queue_num: usize,
     started: Vec<usize>,
+    /// The shared dirty log, while dirty pages are tracked.
+    dirty_log: Option<std::sync::Arc<super::dirty_log::DirtyLog>>,
+    /// The features last acked (without LOG_ALL).
+    acked: u64,
 }
 
 impl VhostUserHandle {
@@ -181,6 +185,8 @@ impl VhostUserHandle {
             protocol,
             queue_num,
             started: Vec::new(),
+            dirty_log: None,
+            acked: 0,
         })
     }
 
@@ -259,14 +265,12 @@ impl VhostUserHandle {
         features: u64,
         vrings: &[VringSetup],
     ) -> Result<(), VhostUserError> {
-        let mut f = features;
-        if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            f |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        }
-        self.frontend
-            .set_features(f)
-            .map_err(step("SET_FEATURES"))?;
+        self.acked = features;
+        self.ack_features()?;
         self.set_mem_table(mem)?;
+        // A new memory table replaces the backend's regions and with them
+        // its log mappings: point it at the log again.
+        self.send_log_base()?;
         let host = |queue: usize, addr: u64| {
             mem.get_host_address(GuestAddress(addr))
                 .map(|p| p as u64)
@@ -306,6 +310,58 @@ impl VhostUserHandle {
             }
         }
         self.started = vrings.iter().map(|v| v.index).collect();
+        Ok(())
+    }
+
+    /// SET_FEATURES with what the driver acked, plus PROTOCOL_FEATURES and,
+    /// while dirty pages are tracked, LOG_ALL.
+    fn ack_features(&mut self) -> Result<(), VhostUserError> {
+        let mut f = self.acked;
+        if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            f |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        if self.dirty_log.is_some() {
+            f |= VHOST_F_LOG_ALL;
+        }
+        self.frontend.set_features(f).map_err(step("SET_FEATURES"))
+    }
+
+    fn send_log_base(&mut self) -> Result<(), VhostUserError> {
+        let Some(log) = &self.dirty_log else {
+            return Ok(());
+        };
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: log.size(),
+            mmap_offset: 0,
+            mmap_handle: log.fd(),
+        };
+        self.frontend
+            .set_log_base(0, Some(region))
+            .map_err(step("SET_LOG_BASE"))
+    }
+
+    /// Whether the backend can log the pages it writes to a shared log.
+    pub fn can_log(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            && self.backend_features & VHOST_F_LOG_ALL != 0
+    }
+
+    /// Starts (with a log) or stops (None) the backend's dirty logging. A
+    /// running device is told at once; otherwise at its next start.
+    pub fn set_dirty_log(
+        &mut self,
+        log: Option<std::sync::Arc<super::dirty_log::DirtyLog>>,
+    ) -> Result<(), VhostUserError> {
+        if log.is_some() && !self.can_log() {
+            return Err(VhostUserError::Missing(
+                "VHOST_USER_PROTOCOL_F_LOG_SHMFD and VHOST_F_LOG_ALL (dirty page logging)",
+            ));
+        }
+        self.dirty_log = log;
+        if !self.started.is_empty() {
+            self.send_log_base()?;
+            self.ack_features()?;
+        }
         Ok(())
     }
 

@@ -3,4 +3,5 @@
 
 pub mod backend_process;
 pub mod device;
+pub mod dirty_log;
 pub mod handle;

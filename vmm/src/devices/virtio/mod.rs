@@ -82,6 +82,14 @@ pub trait VirtioDevice: Send {
     fn pause(&mut self) -> Result<Vec<(usize, u16)>, ActivateError> {
         Ok(Vec::new())
     }
+    /// Starts (Some) or stops (None) logging the guest pages the device's
+    /// backend writes into `log`, for diff snapshots and migration.
+    fn set_dirty_log(
+        &mut self,
+        _log: Option<std::sync::Arc<crate::vhost_user::dirty_log::DirtyLog>>,
+    ) -> Result<(), ActivateError> {
+        Ok(())
+    }
     /// Who serves the device (a backend socket), for `GET /devices`.
     fn backend(&self) -> Option<String> {
         None

@@ -87,6 +87,9 @@ pub enum VirtioPciError {
     /// The BAR could not be mapped.
     #[error("virtio-pci BAR: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
+    /// The backend cannot log dirty pages.
+    #[error("dirty page tracking: {0}")]
+    Log(String),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VirtioPciError {

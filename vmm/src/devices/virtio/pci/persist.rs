@@ -161,6 +161,16 @@ impl VirtioPciDevice {
             .collect()
     }
 
+    /// Has the backend log the pages it writes into `log` (None: stop).
+    pub fn set_dirty_log(
+        &mut self,
+        log: Option<std::sync::Arc<crate::vhost_user::dirty_log::DirtyLog>>,
+    ) -> Result<(), PersistError> {
+        self.device
+            .set_dirty_log(log)
+            .map_err(|e| PersistError::Backend(e.to_string()))
+    }
+
     /// Restarts the rings a snapshot stopped, where they were.
     pub fn resume_queues(&mut self, bases: &[(usize, u16)]) -> Result<(), PersistError> {
         if !self.running() || self.device.state() == "disconnected" {
