@@ -104,7 +104,7 @@ impl DirtyLog {
                 while p < pages {
                     let g = first + p;
                     // Whole log bytes at once where aligned.
-                    if g % 8 == 0 && p + 8 <= pages {
+                    if g.is_multiple_of(8) && p + 8 <= pages {
                         let v = self
                             .byte((g / 8) as usize)
                             .map(|b| b.swap(0, Ordering::AcqRel))
