@@ -22,7 +22,7 @@ use crate::devices::virtio::pci::persist::VirtioPciSnapshot;
 use crate::kvm::state::{VcpuState, VmState};
 use crate::vmm::Vmm;
 
-pub use restore::{RestoreOptions, RestoreSource};
+pub use restore::{Platform, RestoreOptions, RestoreSource};
 
 /// Full or diff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -210,37 +210,12 @@ impl Vmm {
             return Err(SnapshotError::NoDirtyTracking);
         }
         let started = Instant::now();
-        // Requests in flight finish and the rings stop, so memory holds
-        // every completion and nothing writes it while it is saved.
-        let mut virtio = Vec::with_capacity(self.virtio.len());
-        let mut failure = None;
-        for v in &self.virtio {
-            let mut dev = lock(&v.device);
-            match dev.quiesce().and_then(|()| dev.save()) {
-                Ok(state) => virtio.push(VirtioState {
-                    id: v.id.clone(),
-                    slot: v.slot,
-                    state,
-                }),
-                Err(e) => {
-                    failure = Some(SnapshotError::Device {
-                        id: v.id.clone(),
-                        err: e.to_string(),
-                    });
-                    break;
-                }
-            }
-        }
-        let result = match failure {
-            Some(e) => Err(e),
-            None => self.write_snapshot(kind, state_path, mem_path, &virtio),
-        };
-        // Whatever happened, the backends go on where they stopped.
-        for (v, saved) in self.virtio.iter().zip(&virtio) {
-            if let Err(e) = lock(&v.device).resume_queues(&saved.state.bases) {
-                log::error!("device {}: cannot restart after the snapshot: {e}", v.id);
-            }
-        }
+        let result = self.stop_devices().and_then(|virtio| {
+            let r = self.write_snapshot(kind, state_path, mem_path, &virtio);
+            // Whatever happened, the backends go on where they stopped.
+            self.restart_devices(&virtio);
+            r
+        });
         let mem_bytes_written = result?;
         let info = SnapshotInfo {
             mem_bytes_written,
@@ -256,13 +231,48 @@ impl Vmm {
         Ok(info)
     }
 
-    fn write_snapshot(
-        &mut self,
+    /// With the vCPUs paused: lets each virtio device's requests in flight
+    /// finish, stops its backend's rings and returns its state. On error the
+    /// devices already stopped are restarted.
+    pub(crate) fn stop_devices(&mut self) -> Result<Vec<VirtioState>, SnapshotError> {
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        for v in &self.virtio {
+            let mut dev = lock(&v.device);
+            match dev.quiesce().and_then(|()| dev.save()) {
+                Ok(state) => virtio.push(VirtioState {
+                    id: v.id.clone(),
+                    slot: v.slot,
+                    state,
+                }),
+                Err(e) => {
+                    drop(dev);
+                    self.restart_devices(&virtio);
+                    return Err(SnapshotError::Device {
+                        id: v.id.clone(),
+                        err: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(virtio)
+    }
+
+    /// Restarts the rings [`Self::stop_devices`] stopped.
+    pub(crate) fn restart_devices(&self, saved: &[VirtioState]) {
+        for (v, s) in self.virtio.iter().zip(saved) {
+            if let Err(e) = lock(&v.device).resume_queues(&s.state.bases) {
+                log::error!("device {}: cannot restart after the snapshot: {e}", v.id);
+            }
+        }
+    }
+
+    /// The paused VM's state, with the devices' state from
+    /// [`Self::stop_devices`].
+    pub(crate) fn capture_state(
+        &self,
         kind: SnapshotKind,
-        state_path: &Path,
-        mem_path: &Path,
         virtio: &[VirtioState],
-    ) -> Result<u64, SnapshotError> {
+    ) -> Result<SnapshotState, SnapshotError> {
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for fd in &self.vcpu_fds {
             vcpus.push(crate::kvm::state::save_vcpu(
@@ -278,16 +288,26 @@ impl Vmm {
             acpi_pm: lock(&self.machine.acpi_pm).save(),
             virtio: virtio.to_vec(),
         };
-        let mem_id = new_id();
-        let state = SnapshotState {
+        Ok(SnapshotState {
             kind,
             config: self.config.clone(),
             mem_size: self.ram.size,
-            mem_id,
+            mem_id: new_id(),
             vm,
             vcpus,
             devices,
-        };
+        })
+    }
+
+    fn write_snapshot(
+        &mut self,
+        kind: SnapshotKind,
+        state_path: &Path,
+        mem_path: &Path,
+        virtio: &[VirtioState],
+    ) -> Result<u64, SnapshotError> {
+        let state = self.capture_state(kind, virtio)?;
+        let mem_id = state.mem_id;
 
         let mem_err = |err| SnapshotError::Memory {
             path: mem_path.to_owned(),

@@ -130,17 +130,80 @@ impl Vmm {
         let state: SnapshotState = file::read_state(&src.state_path)?;
         let config = restored_config(&state, opts)?;
         let ram = load_memory(&state, &config, &src.mem_path)?;
+        let platform = Platform::build(config, ram, exit)?;
+        let vmm = platform.finish(&state, !opts.resume, started)?;
+        log::info!(
+            "restored from {} in {:.2} ms ({})",
+            src.state_path.display(),
+            started.elapsed().as_secs_f64() * 1e3,
+            if opts.resume { "running" } else { "paused" }
+        );
+        Ok(vmm)
+    }
+}
+
+/// A VM built for a restore or an incoming migration, before its state is
+/// put back: memory mapped, devices and backends up, vCPUs created.
+pub struct Platform {
+    config: VmConfig,
+    ram: memory::GuestRam,
+    kvm: kvm_ioctls::Kvm,
+    vm_fd: std::sync::Arc<kvm_ioctls::VmFd>,
+    built: crate::vmm::Built,
+}
+
+impl Platform {
+    /// Creates the VM for `config` around `ram` and starts or connects its
+    /// backends.
+    pub fn build(
+        config: VmConfig,
+        ram: memory::GuestRam,
+        exit: &ExitSender,
+    ) -> Result<Self, SnapshotError> {
         let mc = &config.machine_config;
         let template = crate::vmm::cpu_template(&config);
-
         let kvm = vm::open_kvm().map_err(|e| vmm_err(e.into()))?;
         let vm_fd =
             std::sync::Arc::new(vm::create_vm(&kvm, mc.vcpu_count).map_err(|e| vmm_err(e.into()))?);
         vm::register_memory(&vm_fd, &ram.memory, mc.track_dirty_pages)
             .map_err(|e| vmm_err(e.into()))?;
         let built = build_platform(&kvm, &vm_fd, &config, &ram, template, exit).map_err(vmm_err)?;
-        let (machine, virtio, vcpus) = (&built.0, &built.1, &built.2);
+        Ok(Self {
+            config,
+            ram,
+            kvm,
+            vm_fd,
+            built,
+        })
+    }
 
+    /// Guest memory (an incoming migration writes pages into it).
+    pub fn ram(&self) -> &memory::GuestRam {
+        &self.ram
+    }
+
+    /// Puts `state` back and starts the vCPUs (parked when `paused`).
+    pub fn finish(
+        self,
+        state: &SnapshotState,
+        paused: bool,
+        started: Instant,
+    ) -> Result<Vmm, SnapshotError> {
+        let Self {
+            config,
+            ram,
+            kvm,
+            vm_fd,
+            built,
+        } = self;
+        if state.vcpus.len() != built.2.len() {
+            return Err(SnapshotError::Incompatible(format!(
+                "the state holds {} vCPUs, the VM has {}",
+                state.vcpus.len(),
+                built.2.len()
+            )));
+        }
+        let (machine, virtio, vcpus) = (&built.0, &built.1, &built.2);
         state::restore_vm(&vm_fd, &state.vm)?;
         for (v, s) in vcpus.iter().zip(&state.vcpus) {
             state::restore_vcpu(&vcpu::lock_fd(v.fd()), s)?;
@@ -179,14 +242,6 @@ impl Vmm {
         }
 
         let msr_list = state::msr_index_list(&kvm).unwrap_or_default();
-        let vmm = Self::start(config, built, vm_fd, ram, msr_list, !opts.resume, started)
-            .map_err(vmm_err)?;
-        log::info!(
-            "restored from {} in {:.2} ms ({})",
-            src.state_path.display(),
-            started.elapsed().as_secs_f64() * 1e3,
-            if opts.resume { "running" } else { "paused" }
-        );
-        Ok(vmm)
+        Vmm::start(config, built, vm_fd, ram, msr_list, paused, started).map_err(vmm_err)
     }
 }
