@@ -16,6 +16,7 @@ usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory M
        tern --api-sock PATH [--id ID]
        tern --restore STATE,MEM [--serial WHERE] [--api-sock PATH] [--id ID]
        tern --merge-memory BASE,DIFF[,DIFF...]
+       tern --migrate-from unix:PATH|tcp:HOST:PORT [--serial WHERE] [--api-sock PATH]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
 off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
@@ -41,6 +42,9 @@ waits for configuration and InstanceStart there.
   --restore STATE,MEM   bring a VM back from a snapshot's state and memory
                         files and run it (as PUT /snapshot/load with
                         resume_vm)
+  --migrate-from URL    wait for a live migration on URL (unix:PATH or
+                        tcp:HOST:PORT) and run the VM it brings (as PUT
+                        /migration/receive)
   --merge-memory BASE,DIFF...
                         lay diff snapshots' memory files (oldest first) over
                         a full one, in place, and exit
@@ -104,6 +108,8 @@ pub struct RunOptions {
     pub id: Option<String>,
     /// A snapshot to restore and run: (state file, memory file).
     pub restore: Option<(PathBuf, PathBuf)>,
+    /// Wait for an incoming migration on this URL.
+    pub migrate_from: Option<String>,
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError>
@@ -260,9 +266,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut initrd: Option<PathBuf> = None;
     let mut cmdline: Option<String> = None;
     let mut restore: Option<(PathBuf, PathBuf)> = None;
+    let mut migrate_from: Option<String> = None;
     for (flag, value) in pairs {
         match flag.as_str() {
             "--config-file" => {}
+            "--migrate-from" => migrate_from = Some(value),
             "--restore" => match value.split_once(',') {
                 Some((state, mem)) if !state.is_empty() && !mem.is_empty() => {
                     restore = Some((state.into(), mem.into()))
@@ -326,6 +334,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             return Err(CliError::MissingValue("--kernel".into()));
         }
     }
+    if migrate_from.is_some() && (restore.is_some() || config.boot_source.is_some()) {
+        return Err(CliError::BadValue {
+            flag: "--migrate-from".into(),
+            value: String::new(),
+            why: "an incoming VM brings its own configuration; drop --kernel/--restore".into(),
+        });
+    }
     if restore.is_some() && config.boot_source.is_some() {
         return Err(CliError::BadValue {
             flag: "--restore".into(),
@@ -335,8 +350,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         });
     }
     let boot_now = config.boot_source.is_some();
-    if restore.is_some() {
-        // The snapshot carries the configuration.
+    if restore.is_some() || migrate_from.is_some() {
+        // The snapshot or the source carries the configuration.
     } else if boot_now || api_sock.is_none() {
         config.validate()?;
     } else {
@@ -348,6 +363,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         api_sock,
         id,
         restore,
+        migrate_from,
     })))
 }
 

@@ -14,8 +14,22 @@ use crate::api::server::{ApiCounters, ApiInbox};
 use crate::api::{ApiError, ApiRequest, ApiResponse};
 use crate::config::VmConfig;
 use crate::exit::{exit_channel, ExitReason, ExitReceiver, ExitSender};
+use crate::migration::dirty_rate::DirtyRate;
+use crate::migration::{Listener, MigrationError, Outcome, SharedMigration};
 use crate::snapshot::{RestoreOptions, RestoreSource};
 use crate::vmm::{Vmm, VmmError};
+
+/// A migration running on its own thread; the VM is with it meanwhile
+/// (a source's) or comes from it (a destination's).
+enum Job {
+    /// Sending the VM away.
+    Sending(std::thread::JoinHandle<(Vmm, Result<Outcome, MigrationError>)>),
+    /// Waiting for and taking in a VM.
+    Receiving(
+        std::thread::JoinHandle<Result<Vmm, MigrationError>>,
+        Arc<Listener>,
+    ),
+}
 
 /// The VM and everything the API can ask about it.
 pub struct Controller {
@@ -23,6 +37,14 @@ pub struct Controller {
     /// The configuration being built before boot.
     pending: VmConfig,
     vmm: Option<Vmm>,
+    /// A migration in progress.
+    job: Option<Job>,
+    /// The last migration's progress, for `GET /migration`.
+    migration: Option<SharedMigration>,
+    /// Signalled by migration threads and timers when the VMM thread has
+    /// something to collect.
+    jobs_evt: vmm_sys_util::eventfd::EventFd,
+    dirty_rate: DirtyRate,
     exit_tx: ExitSender,
     exits: ExitReceiver,
     inbox: Option<ApiInbox>,
@@ -54,6 +76,10 @@ impl Controller {
             id,
             pending: config,
             vmm: None,
+            job: None,
+            migration: None,
+            jobs_evt: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
+            dirty_rate: DirtyRate::default(),
             exit_tx,
             exits,
             inbox,
@@ -110,6 +136,8 @@ impl Controller {
 
     fn state_name(&self) -> &'static str {
         match &self.vmm {
+            None if matches!(self.job, Some(Job::Sending(_))) => "Migrating",
+            None if matches!(self.job, Some(Job::Receiving(..))) => "Receiving",
             None => "Not started",
             Some(v) if v.is_paused() => "Paused",
             Some(_) => "Running",
@@ -136,11 +164,185 @@ impl Controller {
                 return Ok(ApiResponse::NoContent);
             }
             ApiRequest::GetMetrics => return json(self.metrics()),
+            ApiRequest::GetMigration => {
+                return json(
+                    self.migration
+                        .as_ref()
+                        .map(|m| m.status())
+                        .unwrap_or_default(),
+                )
+            }
+            ApiRequest::CancelMigration => {
+                return match (&self.job, &self.migration) {
+                    (Some(job), Some(m)) => {
+                        m.cancel();
+                        if let Job::Receiving(_, listener) = job {
+                            listener.interrupt();
+                        }
+                        Ok(ApiResponse::NoContent)
+                    }
+                    _ => Err(ApiError::bad_request("migration: no migration is running")),
+                }
+            }
+            ApiRequest::GetDirtyRate => return json(self.dirty_rate.status()),
+            _ => {}
+        }
+        if self.job.is_some() {
+            return Err(ApiError::bad_request(format!(
+                "the VM is migrating ({}); GET /migration for progress, DELETE /migration to cancel",
+                self.state_name()
+            )));
+        }
+        match request {
+            ApiRequest::MigrationSend(p) => return self.start_send(p),
+            ApiRequest::MigrationReceive(url) => return self.start_receive(&url),
+            ApiRequest::PutDirtyRate(r) => {
+                let Some(vmm) = self.vmm.as_mut() else {
+                    return Err(ApiError::bad_request("dirty-rate: the VM is not started"));
+                };
+                let due = self
+                    .dirty_rate
+                    .start(vmm, r.calc_period_s)
+                    .map_err(|e| ApiError::bad_request(format!("dirty-rate: {e}")))?;
+                self.wake_after(due);
+                return Ok(ApiResponse::NoContent);
+            }
             _ => {}
         }
         match self.vmm.as_mut() {
             None => self.handle_preboot(request),
             Some(vmm) => handle_runtime(vmm, request),
+        }
+    }
+
+    /// Signals the jobs eventfd after `delay` (a dirty-rate period's end).
+    fn wake_after(&self, delay: std::time::Duration) {
+        if let Ok(evt) = self.jobs_evt.try_clone() {
+            let _ = std::thread::Builder::new()
+                .name("dirty-rate".into())
+                .spawn(move || {
+                    std::thread::sleep(delay + std::time::Duration::from_millis(5));
+                    let _ = evt.write(1);
+                });
+        }
+    }
+
+    /// `PUT /migration/send`: hands the VM to a migration thread.
+    fn start_send(
+        &mut self,
+        params: crate::migration::SendParams,
+    ) -> Result<ApiResponse, ApiError> {
+        let Some(vmm) = self.vmm.take() else {
+            return Err(ApiError::bad_request(
+                "migration/send: the VM is not started",
+            ));
+        };
+        self.dirty_rate.abandon();
+        let shared: SharedMigration = Arc::default();
+        let (s, evt) = (shared.clone(), self.jobs_evt.try_clone());
+        let evt = match evt {
+            Ok(e) => e,
+            Err(e) => {
+                self.vmm = Some(vmm);
+                return Err(ApiError::internal(format!("migration/send: {e}")));
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("migration-send".into())
+            .spawn(move || {
+                let r = crate::migration::send(vmm, &params, &s);
+                let _ = evt.write(1);
+                r
+            });
+        match spawned {
+            Ok(h) => {
+                self.job = Some(Job::Sending(h));
+                self.migration = Some(shared);
+                Ok(ApiResponse::NoContent)
+            }
+            Err(e) => Err(ApiError::internal(format!(
+                "migration/send: cannot start the migration thread: {e}"
+            ))),
+        }
+    }
+
+    /// `PUT /migration/receive` (and `--migrate-from`): listens, then takes
+    /// the VM on a migration thread.
+    pub fn start_receive(&mut self, url: &str) -> Result<ApiResponse, ApiError> {
+        if self.vmm.is_some() {
+            return Err(ApiError::bad_request(
+                "migration/receive: this tern already runs a VM",
+            ));
+        }
+        let listener = Arc::new(
+            Listener::bind(url)
+                .map_err(|e| ApiError::bad_request(format!("migration/receive: {e}")))?,
+        );
+        let shared: SharedMigration = Arc::default();
+        let evt = self
+            .jobs_evt
+            .try_clone()
+            .map_err(|e| ApiError::internal(format!("migration/receive: {e}")))?;
+        let (s, l, serial, exit) = (
+            shared.clone(),
+            listener.clone(),
+            self.pending.serial.clone(),
+            self.exit_tx.clone(),
+        );
+        let h = std::thread::Builder::new()
+            .name("migration-recv".into())
+            .spawn(move || {
+                let r = crate::migration::receive(&l, serial, &exit, &s);
+                let _ = evt.write(1);
+                r
+            })
+            .map_err(|e| ApiError::internal(format!("migration/receive: {e}")))?;
+        self.job = Some(Job::Receiving(h, listener));
+        self.migration = Some(shared);
+        Ok(ApiResponse::NoContent)
+    }
+
+    /// Collects what migration threads and timers finished.
+    fn on_jobs_event(&mut self) {
+        let _ = self.jobs_evt.read();
+        if let Some(vmm) = self.vmm.as_mut() {
+            self.dirty_rate.poll(vmm);
+        }
+        let finished = match &self.job {
+            Some(Job::Sending(h)) => h.is_finished(),
+            Some(Job::Receiving(h, _)) => h.is_finished(),
+            None => false,
+        };
+        if !finished {
+            return;
+        }
+        match self.job.take() {
+            Some(Job::Sending(h)) => match h.join() {
+                Ok((vmm, Ok(Outcome::Moved))) => {
+                    vmm.flush_serial();
+                    let to = self
+                        .migration
+                        .as_ref()
+                        .map(|m| {
+                            format!(
+                                "another tern ({} ms downtime)",
+                                m.status().downtime_ms.unwrap_or(0.0)
+                            )
+                        })
+                        .unwrap_or_default();
+                    self.finished = Some(ExitReason::Migrated(to));
+                    // Kept until the process exits.
+                    self.vmm = Some(vmm);
+                }
+                Ok((vmm, _)) => self.vmm = Some(vmm),
+                Err(_) => log::error!("the migration thread panicked; the VM is lost"),
+            },
+            Some(Job::Receiving(h, _)) => match h.join() {
+                Ok(Ok(vmm)) => self.vmm = Some(vmm),
+                Ok(Err(_)) => {}
+                Err(_) => log::error!("the incoming migration thread panicked"),
+            },
+            None => {}
         }
     }
 
@@ -320,6 +522,8 @@ impl MutEventSubscriber for Controller {
         use std::os::fd::AsRawFd;
         if events.fd() == self.exits.event.as_raw_fd() {
             self.on_exit_event();
+        } else if events.fd() == self.jobs_evt.as_raw_fd() {
+            self.on_jobs_event();
         } else if self
             .inbox
             .as_ref()
@@ -332,6 +536,9 @@ impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.exits.event, EventSet::IN)) {
             log::error!("cannot watch the exit eventfd: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::new(&self.jobs_evt, EventSet::IN)) {
+            log::error!("cannot watch the migration eventfd: {e:?}");
         }
         if let Some(inbox) = &self.inbox {
             if let Err(e) = ops.add(Events::new(&inbox.event, EventSet::IN)) {

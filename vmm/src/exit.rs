@@ -23,6 +23,8 @@ pub enum ExitReason {
     TripleFault,
     /// The guest wrote this value to the debug-exit port.
     DebugExit(u8),
+    /// The VM moved to another tern (a live migration completed).
+    Migrated(String),
     /// A vCPU stopped on something tern cannot continue from.
     VcpuError {
         /// Index of the vCPU.
@@ -42,7 +44,10 @@ impl ExitReason {
     /// convention), [`ERROR_STATUS`] for errors.
     pub fn status(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset(_) | ExitReason::TripleFault => 0,
+            ExitReason::PowerOff
+            | ExitReason::Reset(_)
+            | ExitReason::TripleFault
+            | ExitReason::Migrated(_) => 0,
             ExitReason::DebugExit(v) => (i32::from(*v) << 1) | 1,
             ExitReason::VcpuError { .. } => ERROR_STATUS,
         }
@@ -58,6 +63,7 @@ impl fmt::Display for ExitReason {
             ExitReason::DebugExit(v) => {
                 write!(f, "guest wrote {v:#x} to the debug-exit port")
             }
+            ExitReason::Migrated(to) => write!(f, "the VM migrated to {to}"),
             ExitReason::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
         }
     }

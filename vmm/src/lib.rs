@@ -16,6 +16,7 @@ pub mod kvm;
 pub mod logger;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod terminal;
 pub mod vhost_user;

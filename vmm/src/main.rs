@@ -76,6 +76,11 @@ fn run(opts: RunOptions) -> ExitCode {
             return fail(e, server.as_ref());
         }
     }
+    if let Some(url) = &opts.migrate_from {
+        if let Err(e) = controller.start_receive(url) {
+            return fail(e.message, server.as_ref());
+        }
+    }
     if let Some((state, mem)) = &opts.restore {
         if let Err(e) = controller.restore(state, mem) {
             return fail(e, server.as_ref());

@@ -128,6 +128,17 @@ pub fn ram_from_file_copy(src: &File, size: u64) -> Result<GuestRam, MemoryError
     map_ram(file, size, false, Backing::Memfd)
 }
 
+/// Maps another tern's guest memfd (same-host migration) as guest RAM.
+pub fn ram_from_memfd(file: File, size: u64) -> Result<GuestRam, MemoryError> {
+    let actual = file.metadata().map_err(MemoryError::Memfd)?.len();
+    if actual != size {
+        return Err(MemoryError::Layout(format!(
+            "the memory fd holds {actual} bytes, the VM needs {size}"
+        )));
+    }
+    map_ram(file, size, false, Backing::Memfd)
+}
+
 /// Maps a snapshot's memory file private as guest RAM: nothing is read
 /// until the guest touches it.
 pub fn ram_from_file_private(file: File, size: u64) -> Result<GuestRam, MemoryError> {
@@ -170,7 +181,7 @@ pub fn data_extents(f: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
 }
 
 /// Copies the data extents of `src` (up to `size`) into `dst` at the same
-/// offsets, with copy_file_range where the kernel can, else read/write.
+/// offsets.
 fn copy_data_extents(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 4 << 20];

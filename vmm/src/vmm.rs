@@ -188,6 +188,8 @@ pub struct Vmm {
     /// The log the vhost-user backends mark their writes in, while dirty
     /// pages are tracked.
     pub(crate) dirty_log: Option<Arc<DirtyLog>>,
+    /// Dirty pages read but not yet sent (a migration's last pre-copy round).
+    pub(crate) pending_dirty: Option<Vec<Vec<u64>>>,
     pub(crate) _raw_terminal: Option<RawTerminal>,
 }
 
@@ -277,6 +279,7 @@ impl Vmm {
             vm: vm_fd,
             ram,
             dirty_log,
+            pending_dirty: None,
             _raw_terminal: raw_terminal,
         })
     }

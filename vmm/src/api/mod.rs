@@ -48,6 +48,18 @@ pub enum ApiRequest {
     CreateSnapshot(request::snapshot::CreateSnapshot),
     /// `PUT /snapshot/load`
     LoadSnapshot(request::snapshot::LoadSnapshot),
+    /// `PUT /migration/send`
+    MigrationSend(crate::migration::SendParams),
+    /// `PUT /migration/receive` (the URL to listen on)
+    MigrationReceive(String),
+    /// `GET /migration`
+    GetMigration,
+    /// `DELETE /migration` or `PUT /migration/cancel`
+    CancelMigration,
+    /// `PUT /dirty-rate`
+    PutDirtyRate(crate::migration::dirty_rate::DirtyRateRequest),
+    /// `GET /dirty-rate`
+    GetDirtyRate,
 }
 
 /// A successful answer.

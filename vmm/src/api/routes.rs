@@ -3,7 +3,8 @@
 //! `api-spec/tern.yaml`.
 
 use super::request::{
-    actions, boot_source, drives, logger, machine_config, network_interfaces, snapshot, vm,
+    actions, boot_source, drives, logger, machine_config, migration, network_interfaces, snapshot,
+    vm,
 };
 use super::{ApiError, ApiRequest};
 
@@ -24,6 +25,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
+    ("PUT", "/migration/send"),
+    ("PUT", "/migration/receive"),
+    ("GET", "/migration"),
+    ("DELETE", "/migration"),
+    ("PUT", "/migration/cancel"),
+    ("PUT", "/dirty-rate"),
+    ("GET", "/dirty-rate"),
 ];
 
 /// The path without query string or a trailing slash.
@@ -56,6 +64,14 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiErro
         ("GET", "/metrics") => ApiRequest::GetMetrics,
         ("PUT", "/snapshot/create") => ApiRequest::CreateSnapshot(snapshot::parse_create(body)?),
         ("PUT", "/snapshot/load") => ApiRequest::LoadSnapshot(snapshot::parse_load(body)?),
+        ("PUT", "/migration/send") => ApiRequest::MigrationSend(migration::parse_send(body)?),
+        ("PUT", "/migration/receive") => {
+            ApiRequest::MigrationReceive(migration::parse_receive(body)?)
+        }
+        ("GET", "/migration") => ApiRequest::GetMigration,
+        ("DELETE", "/migration") | ("PUT", "/migration/cancel") => ApiRequest::CancelMigration,
+        ("PUT", "/dirty-rate") => ApiRequest::PutDirtyRate(migration::parse_dirty_rate(body)?),
+        ("GET", "/dirty-rate") => ApiRequest::GetDirtyRate,
         ("PUT", p) if param(p, "/drives/").is_some() => {
             let id = param(p, "/drives/").unwrap_or_default();
             ApiRequest::PutDrive(drives::parse(id, body)?)

@@ -10,8 +10,6 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
-
 /// The stream version this tern speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest frame a destination accepts (a page batch is at most
@@ -27,8 +25,13 @@ pub enum Frame<'a> {
     Hello {
         /// [`PROTOCOL_VERSION`] of the source.
         version: u32,
-        /// The VM's configuration.
-        config: Box<VmConfig>,
+        /// The VM's configuration, as JSON (its serde attributes are for
+        /// self-describing formats).
+        #[serde(
+            serialize_with = "serde_bytes::serialize",
+            deserialize_with = "owned_bytes"
+        )]
+        config: Cow<'a, [u8]>,
         /// RAM bytes.
         mem_size: u64,
         /// CPUID feature words the guest sees (leaf 1 ECX/EDX, leaf 7 EBX/
@@ -49,7 +52,10 @@ pub enum Frame<'a> {
         /// Byte offset in guest RAM (file order: low RAM, then high).
         offset: u64,
         /// The bytes.
-        #[serde(with = "serde_bytes", borrow)]
+        #[serde(
+            serialize_with = "serde_bytes::serialize",
+            deserialize_with = "owned_bytes"
+        )]
         data: Cow<'a, [u8]>,
         /// CRC-32 of `data`.
         crc: u32,
@@ -63,7 +69,10 @@ pub enum Frame<'a> {
     /// the last pages.
     State {
         /// JSON of the state.
-        #[serde(with = "serde_bytes", borrow)]
+        #[serde(
+            serialize_with = "serde_bytes::serialize",
+            deserialize_with = "owned_bytes"
+        )]
         body: Cow<'a, [u8]>,
         /// CRC-32 of `body`.
         crc: u32,
@@ -92,7 +101,9 @@ pub enum ProtocolError {
     #[error("migration stream: bad frame: {0}")]
     Decode(#[from] bincode::error::DecodeError),
     /// A payload's checksum does not match.
-    #[error("migration stream: corrupted {what} (checksum {found:#010x}, frame says {expected:#010x})")]
+    #[error(
+        "migration stream: corrupted {what} (checksum {found:#010x}, frame says {expected:#010x})"
+    )]
     Checksum {
         /// Which payload.
         what: &'static str,
@@ -109,6 +120,12 @@ pub enum ProtocolError {
         /// What came.
         got: String,
     },
+}
+
+/// Decodes a byte payload into an owned buffer (a stream cannot lend).
+fn owned_bytes<'de, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'a, [u8]>, D::Error> {
+    let v: serde_bytes::ByteBuf = serde::Deserialize::deserialize(d)?;
+    Ok(Cow::Owned(v.into_vec()))
 }
 
 fn config() -> impl bincode::config::Config {

@@ -26,14 +26,14 @@ pub enum MemoryFileError {
 }
 
 /// A region of RAM as the snapshot sees it.
-struct Region<'a> {
+pub(crate) struct Region<'a> {
     /// The mapped bytes.
-    bytes: &'a [u8],
+    pub(crate) bytes: &'a [u8],
     /// Where the region starts in the memory file.
-    file_offset: u64,
+    pub(crate) file_offset: u64,
 }
 
-fn regions(ram: &GuestRam) -> Result<Vec<Region<'_>>, MemoryFileError> {
+pub(crate) fn regions(ram: &GuestRam) -> Result<Vec<Region<'_>>, MemoryFileError> {
     let mut out = Vec::new();
     let mut file_offset = 0u64;
     for r in ram.memory.iter() {
@@ -50,7 +50,7 @@ fn regions(ram: &GuestRam) -> Result<Vec<Region<'_>>, MemoryFileError> {
     Ok(out)
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // Word-wise: the compiler vectorises this.
     page.chunks_exact(8)
         .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
@@ -100,7 +100,7 @@ fn write_pages(
 /// pages a memfd never allocated are zero and are skipped without touching
 /// them (reading would allocate them); a private file mapping may hold
 /// data anywhere.
-fn data_pages(ram: &GuestRam, region: &Region) -> Vec<(u64, u64)> {
+pub(crate) fn data_pages(ram: &GuestRam, region: &Region) -> Vec<(u64, u64)> {
     let len = region.bytes.len() as u64;
     let extents = match ram.backing {
         Backing::Memfd => data_extents(&ram.file, region.file_offset, region.file_offset + len)

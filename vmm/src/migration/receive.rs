@@ -1,0 +1,261 @@
+//! The destination side: check what comes, build the same VM (backends
+//! started or connected) around fresh memory — or the source's own memfd
+//! on the same host — take the pages and the state, and resume.
+
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use super::protocol::{self, Frame, PROTOCOL_VERSION};
+use super::send::guest_cpu_features;
+use super::stream::{ListenSocket, MigrationUrl, Stream};
+use super::{MigrationError, SharedMigration};
+use crate::config::{SerialOutput, VmConfig};
+use crate::exit::ExitSender;
+use crate::kvm::vm;
+use crate::memory;
+use crate::snapshot::{Platform, SnapshotState};
+use crate::vmm::Vmm;
+
+/// A bound destination socket waiting for its source.
+pub struct Listener {
+    socket: ListenSocket,
+}
+
+impl Listener {
+    /// Binds `url` (`unix:PATH` or `tcp:HOST:PORT`).
+    pub fn bind(url: &str) -> Result<Self, MigrationError> {
+        let url: MigrationUrl = url.parse()?;
+        Ok(Self {
+            socket: ListenSocket::bind(&url)?,
+        })
+    }
+
+    /// Wakes a blocked accept (a cancel before the source came).
+    pub fn interrupt(&self) {
+        // SAFETY: shutdown on a listening socket we own; it only makes a
+        // blocked accept return.
+        unsafe { libc::shutdown(self.socket.raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+fn refuse(stream: &mut Stream, reason: String) -> MigrationError {
+    let _ = protocol::send(
+        stream,
+        &Frame::Refused {
+            reason: reason.clone(),
+        },
+    );
+    MigrationError::Incompatible(reason)
+}
+
+/// Checks the source's VM against this host: vCPUs KVM allows, and every
+/// CPU feature the guest sees.
+fn check_host(config: &VmConfig, features: &[u32]) -> Result<(), String> {
+    let kvm = vm::open_kvm().map_err(|e| e.to_string())?;
+    let vcpus = config.machine_config.vcpu_count;
+    if vcpus as usize > kvm.get_max_vcpus() {
+        return Err(format!(
+            "{vcpus} vCPUs but this host allows {}",
+            kvm.get_max_vcpus()
+        ));
+    }
+    let here = guest_cpu_features(config)?;
+    let names = ["1.ECX", "1.EDX", "7.EBX", "7.ECX", "7.EDX"];
+    for ((name, src), dst) in names.iter().zip(features).zip(&here) {
+        let missing = src & !dst;
+        if missing != 0 {
+            return Err(format!(
+                "the guest uses CPUID {name} bits {missing:#x} that this host does not offer"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Takes one incoming migration on `listener` and returns the VM, running.
+/// On any error nothing is left behind (backends stopped, memory freed).
+pub fn receive(
+    listener: &Listener,
+    serial: SerialOutput,
+    exit: &ExitSender,
+    shared: &SharedMigration,
+) -> Result<Vmm, MigrationError> {
+    shared.update(|s| {
+        s.role = "destination";
+        s.status = "setup";
+    });
+    let result = run(listener, serial, exit, shared);
+    shared.set_stream(None);
+    match &result {
+        Ok(_) => shared.update(|s| s.status = "completed"),
+        Err(e) => {
+            let msg = e.to_string();
+            let cancelled = shared.cancelled();
+            shared.update(|s| {
+                s.status = if cancelled { "cancelled" } else { "failed" };
+                s.error = Some(msg);
+            });
+            log::warn!("incoming migration failed: {e}");
+        }
+    }
+    result
+}
+
+fn run(
+    listener: &Listener,
+    serial: SerialOutput,
+    exit: &ExitSender,
+    shared: &SharedMigration,
+) -> Result<Vmm, MigrationError> {
+    let mut stream = listener.socket.accept()?;
+    if shared.cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    shared.set_stream(Some(stream.try_clone()?));
+    let started = Instant::now();
+    let (mut config, mem_size, features, local) = match protocol::recv(&mut stream)? {
+        Frame::Hello {
+            version,
+            config,
+            mem_size,
+            cpu_features,
+            local,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(refuse(
+                    &mut stream,
+                    format!("stream version {version}, this tern speaks {PROTOCOL_VERSION}"),
+                ));
+            }
+            let config: VmConfig = match serde_json::from_slice(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(refuse(
+                        &mut stream,
+                        format!("the source's configuration does not parse: {e}"),
+                    ))
+                }
+            };
+            (config, mem_size, cpu_features, local)
+        }
+        other => {
+            return Err(protocol::ProtocolError::Unexpected {
+                expected: "Hello",
+                got: protocol::name(&other),
+            }
+            .into())
+        }
+    };
+    if mem_size != config.machine_config.mem_size_mib << 20 {
+        return Err(refuse(
+            &mut stream,
+            format!(
+                "memory size {mem_size} does not match the configuration's {} MiB",
+                config.machine_config.mem_size_mib
+            ),
+        ));
+    }
+    if let Err(why) = config.validate().map_err(|e| e.to_string()) {
+        return Err(refuse(&mut stream, why));
+    }
+    if let Err(why) = check_host(&config, &features) {
+        return Err(refuse(&mut stream, why));
+    }
+    config.serial = serial;
+    // Dirty tracking is the source's business; the destination starts
+    // without it (a later snapshot or migration turns it on).
+    config.machine_config.track_dirty_pages = false;
+
+    let ram = if local {
+        protocol::send(&mut stream, &Frame::Ready)?;
+        let file = stream.recv_fd()?;
+        memory::ram_from_memfd(file, mem_size)
+    } else {
+        memory::create_guest_ram(
+            config.machine_config.mem_size_mib,
+            config.machine_config.huge_pages == crate::config::HugePages::Huge2M,
+        )
+    };
+    let ram = match ram {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(&mut stream, e.to_string())),
+    };
+    let platform = match Platform::build(config, ram, exit) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut stream, e.to_string())),
+    };
+    protocol::send(&mut stream, &Frame::Ready)?;
+    shared.update(|s| s.status = "active");
+
+    let mut state: Option<SnapshotState> = None;
+    loop {
+        if shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match protocol::recv(&mut stream)? {
+            Frame::Pages { offset, data, .. } => {
+                let end = offset.checked_add(data.len() as u64);
+                if local || end.is_none_or(|e| e > mem_size) {
+                    return Err(protocol::ProtocolError::Unexpected {
+                        expected: "pages inside guest memory",
+                        got: format!("{} bytes at {offset:#x}", data.len()),
+                    }
+                    .into());
+                }
+                platform
+                    .ram()
+                    .file
+                    .write_all_at(&data, offset)
+                    .map_err(|err| MigrationError::Os {
+                        what: "writing guest memory",
+                        err,
+                    })?;
+                let n = data.len() as u64;
+                shared.update(|s| s.bytes_sent += n);
+            }
+            Frame::RoundEnd { round } => shared.update(|s| s.round = round),
+            Frame::State { body, .. } => {
+                let s: SnapshotState = serde_json::from_slice(&body).map_err(|e| {
+                    MigrationError::Incompatible(format!("the source's state does not parse: {e}"))
+                })?;
+                state = Some(s);
+            }
+            Frame::Complete => break,
+            Frame::Failed { reason } => return Err(MigrationError::Refused(reason)),
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "Pages, State or Complete",
+                    got: protocol::name(&other),
+                }
+                .into())
+            }
+        }
+    }
+    let Some(state) = state else {
+        return Err(protocol::ProtocolError::Unexpected {
+            expected: "State before Complete",
+            got: "Complete".into(),
+        }
+        .into());
+    };
+    shared.update(|s| s.status = "completing");
+    let mut vmm = match platform.finish(&state, true, started) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = protocol::send(
+                &mut stream,
+                &Frame::Failed {
+                    reason: e.to_string(),
+                },
+            );
+            return Err(e.into());
+        }
+    };
+    vmm.resume();
+    protocol::send(&mut stream, &Frame::Resumed)?;
+    log::info!(
+        "incoming migration done in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(vmm)
+}

@@ -1,0 +1,473 @@
+//! The source side: pre-copy rounds while the guest runs, then pause,
+//! the last dirty pages and the state, and the destination's word that
+//! the VM runs there. Any failure leaves the VM running here as before.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::protocol::{self, Frame, MAX_BATCH};
+use super::stream::{MigrationUrl, Stream};
+use super::tracking::count;
+use super::{MigrationError, SharedMigration};
+use crate::snapshot::memory::{data_pages, is_zero, regions, PAGE};
+use crate::snapshot::SnapshotKind;
+use crate::vmm::Vmm;
+
+/// What to do when `max_iterations` rounds did not converge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum OnMaxIterations {
+    /// Pause and copy what is left, however long it takes.
+    #[default]
+    StopAndCopy,
+    /// Give up; the VM keeps running here.
+    Fail,
+}
+
+/// `PUT /migration/send`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendParams {
+    /// `unix:PATH` or `tcp:HOST:PORT`.
+    pub url: String,
+    /// The pause the guest may see, in ms.
+    #[serde(default = "default_downtime")]
+    pub downtime_limit_ms: u64,
+    /// Cap on the transfer rate (0 or absent: none), in Mbit/s.
+    #[serde(default)]
+    pub max_bandwidth_mbps: Option<u64>,
+    /// Pre-copy rounds before giving up on convergence.
+    #[serde(default = "default_iterations")]
+    pub max_iterations: u32,
+    /// Keep the source (paused) after success rather than exit.
+    #[serde(default)]
+    pub keep_source: bool,
+    /// Same host over a Unix socket: pass the memory fd, copy no pages.
+    #[serde(default)]
+    pub local: bool,
+    /// Slow the vCPUs down when the guest dirties faster than the link.
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
+    /// What to do past `max_iterations`.
+    #[serde(default)]
+    pub on_max_iterations: OnMaxIterations,
+}
+
+fn default_downtime() -> u64 {
+    300
+}
+fn default_iterations() -> u32 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+
+/// How a successful migration ended for the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM runs at the destination; this process should exit.
+    Moved,
+    /// The VM runs at the destination; the source stays paused.
+    Kept,
+}
+
+/// The CPU feature words a guest sees (leaf 1 ECX, EDX; leaf 7.0 EBX,
+/// ECX, EDX), from a vCPU's CPUID.
+pub(crate) fn cpu_features(cpuid: &kvm_bindings::CpuId) -> Vec<u32> {
+    let find = |f: u32| {
+        cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == 0)
+            .copied()
+            .unwrap_or_default()
+    };
+    let (l1, l7) = (find(1), find(7));
+    vec![l1.ecx, l1.edx, l7.ebx, l7.ecx, l7.edx]
+}
+
+/// The CPU feature words the VM's guest sees on this host: its CPU
+/// template applied to what KVM supports, as the vCPUs were set up (not read
+/// from a vCPU, whose lock a running vCPU holds).
+pub(crate) fn guest_cpu_features(config: &crate::config::VmConfig) -> Result<Vec<u32>, String> {
+    let kvm = crate::kvm::vm::open_kvm().map_err(|e| e.to_string())?;
+    let base = crate::kvm::cpuid::supported(&kvm).map_err(|e| e.to_string())?;
+    let template = crate::vmm::cpu_template(config);
+    let n = config.machine_config.vcpu_count;
+    Ok(cpu_features(&crate::kvm::cpuid::for_vcpu(
+        &base, template, 0, n,
+    )))
+}
+
+/// Sends pages to the destination, at most `rate` bytes/s.
+struct Pacer<'a> {
+    stream: &'a mut Stream,
+    shared: &'a SharedMigration,
+    rate: Option<f64>,
+    started: Instant,
+    sent: u64,
+}
+
+impl Pacer<'_> {
+    fn send_run(&mut self, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+        if self.shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        for (i, chunk) in data.chunks(MAX_BATCH).enumerate() {
+            let at = offset + (i * MAX_BATCH) as u64;
+            protocol::send(self.stream, &protocol::pages(at, chunk))?;
+            self.sent += chunk.len() as u64;
+            if let Some(rate) = self.rate {
+                let due = Duration::from_secs_f64(self.sent as f64 / rate);
+                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        let sent = data.len() as u64;
+        self.shared.update(|s| s.bytes_sent += sent);
+        Ok(())
+    }
+}
+
+/// Sends a round: every data page (round 0, zero pages skipped since the
+/// destination's memory starts zeroed), or the pages set in `dirty`.
+/// Returns bytes sent.
+fn send_round(
+    vmm: &Vmm,
+    pacer: &mut Pacer,
+    dirty: Option<&[Vec<u64>]>,
+) -> Result<u64, MigrationError> {
+    let before = pacer.sent;
+    let regions = regions(&vmm.ram).map_err(|e| MigrationError::Os {
+        what: "guest memory",
+        err: std::io::Error::other(e.to_string()),
+    })?;
+    for (ri, region) in regions.iter().enumerate() {
+        let bit = |p: u64| match dirty {
+            None => true,
+            Some(b) => b
+                .get(ri)
+                .and_then(|m| m.get((p / 64) as usize))
+                .is_some_and(|w| w >> (p % 64) & 1 == 1),
+        };
+        for (first, end) in data_pages(&vmm.ram, region) {
+            let mut p = first;
+            while p < end {
+                // The guest may be writing this page right now: a torn copy
+                // is fine, the page is dirty again and goes in a later round.
+                let page = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+                let keep = bit(p) && (dirty.is_some() || !is_zero(page));
+                if !keep {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                p += 1;
+                while p < end && (p - start) * PAGE < MAX_BATCH as u64 && bit(p) {
+                    let pg = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+                    if dirty.is_none() && is_zero(pg) {
+                        break;
+                    }
+                    p += 1;
+                }
+                let bytes = &region.bytes[(start * PAGE) as usize..(p * PAGE) as usize];
+                pacer.send_run(region.file_offset + start * PAGE, bytes)?;
+            }
+        }
+    }
+    Ok(pacer.sent - before)
+}
+
+/// Holds the vCPUs back for `percent` of every 10 ms while asked to.
+fn throttle_loop(vmm: &Vmm, percent: &AtomicU8, done: &AtomicBool) {
+    const PERIOD: Duration = Duration::from_millis(10);
+    while !done.load(Ordering::SeqCst) {
+        let p = u32::from(percent.load(Ordering::SeqCst));
+        if p == 0 {
+            std::thread::sleep(PERIOD);
+            continue;
+        }
+        if vmm.control.pause(&vmm.vcpu_threads).is_ok() {
+            std::thread::sleep(PERIOD * p / 100);
+            vmm.control.resume();
+        }
+        std::thread::sleep(PERIOD * (100 - p) / 100);
+    }
+}
+
+/// Expects `Ready` (or a refusal) from the destination.
+fn expect_ready(stream: &mut Stream) -> Result<(), MigrationError> {
+    match protocol::recv(stream)? {
+        Frame::Ready => Ok(()),
+        Frame::Refused { reason } | Frame::Failed { reason } => {
+            Err(MigrationError::Refused(reason))
+        }
+        other => Err(protocol::ProtocolError::Unexpected {
+            expected: "Ready",
+            got: protocol::name(&other),
+        }
+        .into()),
+    }
+}
+
+/// Migrates `vmm` as `params` say, and hands it back: on failure running
+/// (or paused, if it was paused before) as it was.
+pub fn send(
+    mut vmm: Vmm,
+    params: &SendParams,
+    shared: &SharedMigration,
+) -> (Vmm, Result<Outcome, MigrationError>) {
+    let started = Instant::now();
+    let was_paused = vmm.paused;
+    shared.update(|s| {
+        s.role = "source";
+        s.status = "setup";
+    });
+    let result = run(&mut vmm, params, shared, started);
+    shared.set_stream(None);
+    match result {
+        Ok(downtime) => {
+            shared.update(|s| {
+                s.status = "completed";
+                s.total_time_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                s.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
+            });
+            log::info!(
+                "migration to {} completed in {:.1} ms, downtime {:.2} ms",
+                params.url,
+                started.elapsed().as_secs_f64() * 1e3,
+                downtime.as_secs_f64() * 1e3
+            );
+            if params.keep_source {
+                (vmm, Ok(Outcome::Kept))
+            } else {
+                (vmm, Ok(Outcome::Moved))
+            }
+        }
+        Err(e) => {
+            vmm.stop_tracking();
+            if !was_paused && vmm.paused {
+                vmm.resume();
+            }
+            let status = if shared.cancelled() {
+                "cancelled"
+            } else {
+                "failed"
+            };
+            let msg = e.to_string();
+            shared.update(|s| {
+                s.status = status;
+                s.error = Some(msg);
+                s.total_time_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                s.throttle_percent = 0;
+            });
+            log::warn!(
+                "migration to {} {status}: {e}; the VM runs on here",
+                params.url
+            );
+            (vmm, Err(e))
+        }
+    }
+}
+
+/// The migration proper; returns the downtime.
+fn run(
+    vmm: &mut Vmm,
+    params: &SendParams,
+    shared: &SharedMigration,
+    started: Instant,
+) -> Result<Duration, MigrationError> {
+    let url: MigrationUrl = params.url.parse()?;
+    if params.local && !matches!(url, MigrationUrl::Unix(_)) {
+        return Err(MigrationError::Incompatible(
+            "local: true needs a unix: URL".into(),
+        ));
+    }
+    let mut stream = Stream::connect(&url)?;
+    shared.set_stream(Some(stream.try_clone()?));
+    if shared.cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    let cpu = guest_cpu_features(&vmm.config).map_err(MigrationError::Incompatible)?;
+    protocol::send(
+        &mut stream,
+        &Frame::Hello {
+            version: protocol::PROTOCOL_VERSION,
+            config: serde_json::to_vec(&vmm.config)
+                .map_err(|e| MigrationError::Os {
+                    what: "encoding the configuration",
+                    err: std::io::Error::other(e),
+                })?
+                .into(),
+            mem_size: vmm.ram.size,
+            cpu_features: cpu,
+            local: params.local,
+        },
+    )?;
+    expect_ready(&mut stream)?;
+
+    if params.local {
+        // Same host: the destination maps this very memory; nothing to copy.
+        if vmm.ram.backing != crate::memory::Backing::Memfd {
+            return Err(MigrationError::Incompatible(
+                "local migration needs memfd-backed RAM (this VM was restored from a private file mapping)".into(),
+            ));
+        }
+        use std::os::fd::AsRawFd;
+        stream.send_fd(vmm.ram.file.as_raw_fd())?;
+        expect_ready(&mut stream)?;
+    } else {
+        precopy(vmm, params, shared, &mut stream)?;
+    }
+    finish(vmm, shared, &mut stream, params, started)
+}
+
+fn precopy(
+    vmm: &mut Vmm,
+    params: &SendParams,
+    shared: &SharedMigration,
+    stream: &mut Stream,
+) -> Result<(), MigrationError> {
+    vmm.start_tracking()?;
+    shared.update(|s| s.status = "active");
+    let rate = params
+        .max_bandwidth_mbps
+        .filter(|&m| m > 0)
+        .map(|m| m as f64 * 1e6 / 8.0);
+    let limit = Duration::from_millis(params.downtime_limit_ms);
+    let throttle = AtomicU8::new(0);
+    let done = AtomicBool::new(false);
+    let vmm_ref: &Vmm = vmm;
+    std::thread::scope(|scope| {
+        if params.auto_converge && !vmm_ref.paused {
+            scope.spawn(|| throttle_loop(vmm_ref, &throttle, &done));
+        }
+        let result = (|| {
+            let mut pacer = Pacer {
+                stream,
+                shared,
+                rate,
+                started: Instant::now(),
+                sent: 0,
+            };
+            let mut round = 0u32;
+            let mut dirty: Option<Vec<Vec<u64>>> = None;
+            let mut last_dirty_bytes = u64::MAX;
+            loop {
+                let t = Instant::now();
+                let sent = send_round(vmm_ref, &mut pacer, dirty.as_deref())?;
+                protocol::send(pacer.stream, &Frame::RoundEnd { round })?;
+                let took = t.elapsed().as_secs_f64().max(1e-6);
+                let bandwidth = (sent as f64 / took).max(1e6);
+                let next = vmm_ref.take_dirty()?;
+                let dirty_bytes = count(&next) * PAGE;
+                let dirty_rate = dirty_bytes as f64 / took;
+                let expected = Duration::from_secs_f64(dirty_bytes as f64 / rate.unwrap_or(bandwidth).min(bandwidth));
+                shared.update(|s| {
+                    s.round = round;
+                    s.bytes_remaining = dirty_bytes;
+                    s.dirty_rate_mbps = dirty_rate / 1e6;
+                    s.bandwidth_mbps = bandwidth / 1e6;
+                    s.throttle_percent = throttle.load(Ordering::SeqCst);
+                });
+                log::debug!(
+                    "migration round {round}: sent {} KiB in {:.1} ms, {} KiB dirty, expected downtime {:?}",
+                    sent >> 10,
+                    took * 1e3,
+                    dirty_bytes >> 10,
+                    expected
+                );
+                dirty = Some(next);
+                round += 1;
+                if expected <= limit {
+                    return Ok(dirty);
+                }
+                if round > params.max_iterations {
+                    return match params.on_max_iterations {
+                        OnMaxIterations::StopAndCopy => Ok(dirty),
+                        OnMaxIterations::Fail => Err(MigrationError::NoConvergence(round)),
+                    };
+                }
+                // Not shrinking: hold the vCPUs back harder.
+                if params.auto_converge && dirty_bytes * 2 > last_dirty_bytes.min(sent.max(1)) {
+                    let t = throttle.load(Ordering::SeqCst);
+                    throttle.store(if t == 0 { 20 } else { (t + 10).min(99) }, Ordering::SeqCst);
+                }
+                last_dirty_bytes = dirty_bytes;
+            }
+        })();
+        done.store(true, Ordering::SeqCst);
+        result
+    })
+    .map(|dirty| {
+        // The last dirty set goes with the final copy: fold it back in.
+        vmm.pending_dirty = dirty;
+    })
+}
+
+/// Pause, the last pages, the state, and the handshake.
+fn finish(
+    vmm: &mut Vmm,
+    shared: &SharedMigration,
+    stream: &mut Stream,
+    params: &SendParams,
+    started: Instant,
+) -> Result<Duration, MigrationError> {
+    shared.update(|s| {
+        s.status = "completing";
+        s.throttle_percent = 0;
+    });
+    vmm.pause()?;
+    let paused_at = Instant::now();
+    let virtio = vmm.stop_devices()?;
+    let result = (|| {
+        if !params.local {
+            let mut dirty = vmm.take_dirty()?;
+            if let Some(earlier) = vmm.pending_dirty.take() {
+                crate::vhost_user::dirty_log::merge_bitmaps(&mut dirty, &earlier);
+            }
+            let mut pacer = Pacer {
+                stream: &mut *stream,
+                shared,
+                rate: None,
+                started: Instant::now(),
+                sent: 0,
+            };
+            send_round(vmm, &mut pacer, Some(&dirty))?;
+        }
+        let state = vmm.capture_state(SnapshotKind::Full, &virtio)?;
+        let body = serde_json::to_vec(&state).map_err(|e| MigrationError::Os {
+            what: "encoding the state",
+            err: std::io::Error::other(e),
+        })?;
+        protocol::send(
+            stream,
+            &Frame::State {
+                crc: crc32fast::hash(&body),
+                body: body.into(),
+            },
+        )?;
+        protocol::send(stream, &Frame::Complete)?;
+        stream.flush().map_err(protocol::ProtocolError::Io)?;
+        match protocol::recv(stream)? {
+            Frame::Resumed => Ok(paused_at.elapsed()),
+            Frame::Failed { reason } | Frame::Refused { reason } => {
+                Err(MigrationError::Refused(reason))
+            }
+            other => Err(protocol::ProtocolError::Unexpected {
+                expected: "Resumed",
+                got: protocol::name(&other),
+            }
+            .into()),
+        }
+    })();
+    // The guest runs elsewhere now, or goes on here: either way the rings
+    // restart (a kept source stays paused, so they stay idle).
+    vmm.restart_devices(&virtio);
+    let _ = started;
+    result
+}
