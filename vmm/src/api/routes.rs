@@ -131,6 +131,12 @@ mod tests {
             ("PUT", "/logger") => br#"{"level":"Info"}"#,
             ("PUT", "/drives/{drive_id}") => br#"{"socket":"/s"}"#,
             ("PUT", "/network-interfaces/{iface_id}") => br#"{"socket":"/s"}"#,
+            ("PUT", "/snapshot/create") => br#"{"snapshot_path":"/s","mem_file_path":"/m"}"#,
+            ("PUT", "/snapshot/load") => br#"{"snapshot_path":"/s","mem_file_path":"/m"}"#,
+            ("PUT", "/migration/send") | ("PUT", "/migration/receive") => {
+                br#"{"url":"unix:/tmp/m.sock"}"#
+            }
+            ("PUT", "/dirty-rate") => br#"{"calc_period_s":1}"#,
             _ => b"",
         }
     }

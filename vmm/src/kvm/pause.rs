@@ -151,7 +151,11 @@ mod tests {
             "no work while paused"
         );
         control.resume();
-        std::thread::sleep(Duration::from_millis(20));
+        // A loaded machine may take a while to schedule the threads again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while work.load(Ordering::Relaxed) == at_pause && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(work.load(Ordering::Relaxed) > at_pause, "work resumes");
         // Pausing twice is fine.
         control.pause(&threads).unwrap();
