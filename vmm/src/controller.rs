@@ -23,10 +23,10 @@ use crate::vmm::{Vmm, VmmError};
 /// (a source's) or comes from it (a destination's).
 enum Job {
     /// Sending the VM away.
-    Sending(std::thread::JoinHandle<(Vmm, Result<Outcome, MigrationError>)>),
+    Sending(std::sync::mpsc::Receiver<(Vmm, Result<Outcome, MigrationError>)>),
     /// Waiting for and taking in a VM.
     Receiving(
-        std::thread::JoinHandle<Result<Vmm, MigrationError>>,
+        std::sync::mpsc::Receiver<Result<Vmm, MigrationError>>,
         Arc<Listener>,
     ),
 }
@@ -247,16 +247,16 @@ impl Controller {
                 return Err(ApiError::internal(format!("migration/send: {e}")));
             }
         };
+        let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("migration-send".into())
             .spawn(move || {
-                let r = crate::migration::send(vmm, &params, &s);
+                let _ = tx.send(crate::migration::send(vmm, &params, &s));
                 let _ = evt.write(1);
-                r
             });
         match spawned {
-            Ok(h) => {
-                self.job = Some(Job::Sending(h));
+            Ok(_) => {
+                self.job = Some(Job::Sending(rx));
                 self.migration = Some(shared);
                 Ok(ApiResponse::NoContent)
             }
@@ -289,15 +289,15 @@ impl Controller {
             self.pending.serial.clone(),
             self.exit_tx.clone(),
         );
-        let h = std::thread::Builder::new()
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
             .name("migration-recv".into())
             .spawn(move || {
-                let r = crate::migration::receive(&l, serial, &exit, &s);
+                let _ = tx.send(crate::migration::receive(&l, serial, &exit, &s));
                 let _ = evt.write(1);
-                r
             })
             .map_err(|e| ApiError::internal(format!("migration/receive: {e}")))?;
-        self.job = Some(Job::Receiving(h, listener));
+        self.job = Some(Job::Receiving(rx, listener));
         self.migration = Some(shared);
         Ok(ApiResponse::NoContent)
     }
@@ -308,39 +308,44 @@ impl Controller {
         if let Some(vmm) = self.vmm.as_mut() {
             self.dirty_rate.poll(vmm);
         }
-        let finished = match &self.job {
-            Some(Job::Sending(h)) => h.is_finished(),
-            Some(Job::Receiving(h, _)) => h.is_finished(),
-            None => false,
-        };
-        if !finished {
-            return;
-        }
-        match self.job.take() {
-            Some(Job::Sending(h)) => match h.join() {
+        match &self.job {
+            Some(Job::Sending(rx)) => match rx.try_recv() {
                 Ok((vmm, Ok(Outcome::Moved))) => {
                     vmm.flush_serial();
-                    let to = self
+                    let downtime = self
                         .migration
                         .as_ref()
-                        .map(|m| {
-                            format!(
-                                "another tern ({} ms downtime)",
-                                m.status().downtime_ms.unwrap_or(0.0)
-                            )
-                        })
-                        .unwrap_or_default();
-                    self.finished = Some(ExitReason::Migrated(to));
+                        .and_then(|m| m.status().downtime_ms)
+                        .unwrap_or(0.0);
+                    self.finished = Some(ExitReason::Migrated(format!(
+                        "another tern ({downtime:.2} ms downtime)"
+                    )));
                     // Kept until the process exits.
                     self.vmm = Some(vmm);
+                    self.job = None;
                 }
-                Ok((vmm, _)) => self.vmm = Some(vmm),
-                Err(_) => log::error!("the migration thread panicked; the VM is lost"),
+                Ok((vmm, _)) => {
+                    self.vmm = Some(vmm);
+                    self.job = None;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    log::error!("the migration thread died; the VM is lost");
+                    self.job = None;
+                }
             },
-            Some(Job::Receiving(h, _)) => match h.join() {
-                Ok(Ok(vmm)) => self.vmm = Some(vmm),
-                Ok(Err(_)) => {}
-                Err(_) => log::error!("the incoming migration thread panicked"),
+            Some(Job::Receiving(rx, _)) => match rx.try_recv() {
+                Ok(r) => {
+                    if let Ok(vmm) = r {
+                        self.vmm = Some(vmm);
+                    }
+                    self.job = None;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    log::error!("the incoming migration thread died");
+                    self.job = None;
+                }
             },
             None => {}
         }
