@@ -139,6 +139,11 @@ pub fn request_for(command: &Command, stdin: impl Read) -> Result<Request, CliEr
         Command::Resume => vm_state("Resumed"),
         Command::Start => action("InstanceStart"),
         Command::CtrlAltDel => action("SendCtrlAltDel"),
+        Command::DirtyRate { period } => Request::with_body(
+            Method::Put,
+            "/dirty-rate",
+            format!(r#"{{"calc_period_s":{period}}}"#),
+        ),
         Command::Get { endpoint } => Request::new(Method::Get, endpoint_path(endpoint)?),
         Command::Put { endpoint, body } => Request::with_body(
             Method::Put,
@@ -151,6 +156,25 @@ pub fn request_for(command: &Command, stdin: impl Read) -> Result<Request, CliEr
             load_body(body, stdin)?,
         ),
     })
+}
+
+/// After `PUT /dirty-rate`: waits out the period, then polls
+/// `GET /dirty-rate` until the measurement is done and returns it.
+pub fn wait_dirty_rate(client: &crate::client::Client, period: u64) -> Result<String, CliError> {
+    std::thread::sleep(std::time::Duration::from_secs(period));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = client.send(&Request::new(Method::Get, "/dirty-rate"))?;
+        let text = render(&r, false)?;
+        let done = serde_json::from_slice::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v["calc_status"].as_u64())
+            == Some(2);
+        if done || std::time::Instant::now() > deadline {
+            return Ok(text);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// What to print on stdout for an answer: pretty JSON for a JSON body, the

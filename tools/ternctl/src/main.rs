@@ -85,6 +85,13 @@ pub enum Command {
     Start,
     /// Send Ctrl+Alt+Del to the guest (PUT /actions {"action_type":"SendCtrlAltDel"})
     CtrlAltDel,
+    /// Measure how fast the guest dirties memory over PERIOD seconds and
+    /// print the result (PUT /dirty-rate, then GET /dirty-rate)
+    DirtyRate {
+        /// Seconds to measure over (1 to 60)
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
+        period: u64,
+    },
     /// GET any endpoint and print its JSON
     Get {
         /// The API path, e.g. machine-config or /vm/config
@@ -130,7 +137,11 @@ fn run(cli: &Cli, sock: PathBuf) -> Result<String, CliError> {
     let request = commands::request_for(&cli.command, io::stdin().lock())?;
     let client = Client::new(sock, Duration::from_secs(cli.timeout));
     let response = client.send(&request)?;
-    commands::render(&response, cli.verbose)
+    let text = commands::render(&response, cli.verbose)?;
+    if let Command::DirtyRate { period } = cli.command {
+        return commands::wait_dirty_rate(&client, period);
+    }
+    Ok(text)
 }
 
 fn main() -> ExitCode {
