@@ -872,3 +872,48 @@ fn a_killed_net_backend_shows_disconnected_and_tern_keeps_running() {
     assert_eq!(t.call("GET", "/", None, 200)["state"], "Running");
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
 }
+
+#[test]
+fn a_killed_managed_backend_is_started_again_and_reconnected() {
+    let t = Tern::start("blkrestart", &[]);
+    let img = t._dir.0.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let d = serde_json::json!({ "path_on_host": img, "is_root_device": false }).to_string();
+    t.call("PUT", "/drives/d0", Some(&d), 204);
+    t.configure_and_start("checks=blk blktimeout=2000 action=heartbeat period=20");
+    t.wait_for(|| t.output().contains("BLK sum"), "the guest's disk reads");
+    let d0 = || {
+        t.call("GET", "/devices", None, 200)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == "d0")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let first = d0()["backend_pid"].as_u64().expect("managed backend pid");
+    // Past the restart interval, so the restart is not held back.
+    std::thread::sleep(Duration::from_millis(1100));
+    let st = Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    t.wait_for(
+        || {
+            let d = d0();
+            d["state"] == "attached" && d["backend_pid"].as_u64().is_some_and(|p| p != first)
+        },
+        "a new tern-blk serving d0",
+    );
+    t.wait_for(
+        || t.output().contains("backend reconnected"),
+        "tern to reconnect to the restarted backend",
+    );
+    let before = t.heartbeat();
+    t.wait_for(
+        || t.heartbeat() > before + 2,
+        "heartbeats after the restart",
+    );
+    assert_eq!(t.call("GET", "/", None, 200)["state"], "Running");
+}

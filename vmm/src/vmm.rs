@@ -332,7 +332,7 @@ impl Vmm {
                 mmio_address: None,
                 state: dev.state(),
                 backend: dev.backend(),
-                backend_pid: v.backend_pid,
+                backend_pid: dev.backend_pid().or(v.backend_pid),
             });
         }
         all

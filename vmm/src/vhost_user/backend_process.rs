@@ -86,7 +86,15 @@ pub fn backend_binary(name: &str) -> PathBuf {
 pub struct BackendProcess {
     child: Child,
     socket: PathBuf,
+    /// What it was started with, to start it again if it dies.
+    bin: PathBuf,
+    id: String,
+    args: Vec<String>,
+    last_start: Instant,
 }
+
+/// A dead managed backend is started again at most this often.
+const RESTART_INTERVAL: Duration = Duration::from_secs(1);
 
 impl BackendProcess {
     /// Starts `bin` with `args` and `--socket <runtime dir>/<id>.sock`, and
@@ -165,7 +173,35 @@ impl BackendProcess {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(Self { child, socket })
+        Ok(Self {
+            child,
+            socket,
+            bin: bin.to_owned(),
+            id: id.to_owned(),
+            args: args.to_vec(),
+            last_start: Instant::now(),
+        })
+    }
+
+    /// If the backend has died, starts it again with the same arguments
+    /// (at most once a second). Returns whether it did.
+    pub fn restart_if_exited(&mut self) -> Result<bool, BackendError> {
+        let Ok(Some(status)) = self.child.try_wait() else {
+            return Ok(false);
+        };
+        if self.last_start.elapsed() < RESTART_INTERVAL {
+            return Ok(false);
+        }
+        log::warn!(
+            "{}[{}] exited ({status}); starting it again",
+            self.bin.display(),
+            self.id
+        );
+        let fresh = Self::start(&self.bin, &self.id, &self.args)?;
+        // The old process is reaped (try_wait) and its socket path is now
+        // the new one's: its Drop must not kill or unlink anything.
+        std::mem::forget(std::mem::replace(self, fresh));
+        Ok(true)
     }
 
     /// The socket it serves.

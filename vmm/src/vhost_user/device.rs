@@ -203,6 +203,11 @@ impl VirtioDevice for VhostUserDevice {
         if !self.handle.is_gone() {
             return Ok(false);
         }
+        // A managed backend that died is started again on the same socket.
+        if let Some(p) = self._process.as_mut() {
+            p.restart_if_exited()
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        }
         let socket = self.handle.socket().to_owned();
         let handle = match VhostUserHandle::try_connect(&socket, self.handle.queue_num()) {
             Ok(h) => h,
@@ -267,6 +272,10 @@ impl VirtioDevice for VhostUserDevice {
         } else {
             "attached"
         }
+    }
+
+    fn backend_pid(&self) -> Option<u32> {
+        self._process.as_ref().map(BackendProcess::pid)
     }
 
     fn backend(&self) -> Option<String> {

@@ -90,6 +90,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError> {
         Ok(())
     }
+    /// The managed backend's process ID, if tern started one.
+    fn backend_pid(&self) -> Option<u32> {
+        None
+    }
     /// Who serves the device (a backend socket), for `GET /devices`.
     fn backend(&self) -> Option<String> {
         None

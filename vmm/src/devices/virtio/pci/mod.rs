@@ -322,6 +322,12 @@ impl VirtioPciDevice {
         self.device.backend()
     }
 
+    /// The managed backend's process ID (it changes when a dead backend
+    /// is restarted).
+    pub fn backend_pid(&self) -> Option<u32> {
+        self.device.backend_pid()
+    }
+
     /// The virtio device type.
     pub fn device_type(&self) -> u16 {
         self.device.device_type()
