@@ -14,6 +14,7 @@
 #include "power.h"
 #include "serial.h"
 #include "smp.h"
+#include "snap.h"
 #include "start_info.h"
 
 #define CMDLINE_MAX 1024
@@ -262,6 +263,8 @@ static void parse_cmdline(void)
 				check_fail("bad blkbar= value");
 			else
 				cfg.blk.bar = b;
+		} else if (snap_parse_key(w, kn, v, vn)) {
+			/* mempattern, memcheck, memfillbeat, memdirty, snapblk, netserve */
 		} else if (net_parse_key(w, kn, v, vn)) {
 			/* netip, netgw, netqueues, netudp, netport, netwait, nettimeout */
 		} else if (word_eq(w, kn, "beats")) {
