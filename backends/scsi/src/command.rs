@@ -157,3 +157,214 @@ fn respond<G: GuestMemory + ?Sized>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lun::Lun;
+    use crate::request::tests::{
+        rd, test_mem, wr, write_req, DATA, REQ, REQ_SIZE, RESP, RESP_SIZE,
+    };
+    use std::sync::{Arc, Mutex};
+    use tern_image::{DiskImage, ImageError};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// An in-memory 1 MiB disk.
+    struct MemDisk(Mutex<Vec<u8>>);
+
+    impl DiskImage for MemDisk {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+            let d = self.0.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
+            let mut d = self.0.lock().unwrap();
+            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    fn target() -> (Target, Arc<Metrics>) {
+        let m = Arc::new(Metrics::new());
+        let data = (0..1 << 20).map(|i: u32| (i >> 9) as u8).collect();
+        let disk: Arc<dyn DiskImage> = Arc::new(MemDisk(Mutex::new(data)));
+        let luns = (0..2)
+            .map(|i| Arc::new(Lun::new(i, disk.clone(), false, String::new(), m.clone())))
+            .collect();
+        (Target::new(luns), m)
+    }
+
+    const SIZES: Sizes = Sizes { cdb: 32, sense: 96 };
+
+    /// Serve a chain; returns (used length, response bytes).
+    fn serve_chain(
+        mem: &GuestMemoryMmap,
+        t: &Target,
+        m: &Metrics,
+        d: &[RawDescriptor],
+    ) -> (u32, Vec<u8>) {
+        mem.write_slice(&[0xEE; 108], GuestAddress(RESP)).unwrap();
+        let q = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let mut chain = q.build_desc_chain(d).unwrap();
+        let used = serve(&mut chain, t, SIZES, m);
+        let mut r = vec![0u8; 108];
+        mem.read_slice(&mut r, GuestAddress(RESP)).unwrap();
+        (used, r)
+    }
+
+    fn read10(lba: u32, blocks: u16) -> Vec<u8> {
+        let mut c = vec![0x28, 0];
+        c.extend_from_slice(&lba.to_be_bytes());
+        c.push(0);
+        c.extend_from_slice(&blocks.to_be_bytes());
+        c.push(0);
+        c
+    }
+
+    #[test]
+    fn good_read() {
+        let mem = test_mem();
+        let (t, m) = target();
+        write_req(&mem, 1, 5, &read10(3, 2));
+        let (used, r) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), wr(DATA, 2048)],
+        );
+        assert_eq!(used, 108 + 1024);
+        assert_eq!(&r[0..4], &[0; 4], "no sense");
+        assert_eq!(&r[4..8], &1024u32.to_le_bytes(), "residual");
+        assert_eq!((r[10], r[11]), (STATUS_GOOD, VIRTIO_SCSI_S_OK as u8));
+        let mut d = vec![0u8; 1024];
+        mem.read_slice(&mut d, GuestAddress(DATA)).unwrap();
+        assert!(d[..512].iter().all(|&b| b == 3) && d[512..].iter().all(|&b| b == 4));
+    }
+
+    #[test]
+    fn bad_target_and_lun() {
+        let mem = test_mem();
+        let (t, m) = target();
+        write_req(&mem, 7, 5, &[0x12, 0, 0, 0, 36, 0]);
+        let (used, r) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), wr(DATA, 36)],
+        );
+        assert_eq!(used, 108);
+        assert_eq!(r[11], VIRTIO_SCSI_S_BAD_TARGET as u8);
+        // Target 1.
+        mem.write_slice(&[1, 1, 0x40, 0], GuestAddress(REQ))
+            .unwrap();
+        let (_, r) = serve_chain(&mem, &t, &m, &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE)]);
+        assert_eq!(r[11], VIRTIO_SCSI_S_BAD_TARGET as u8);
+        assert_eq!(m.bad_target.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn check_conditions() {
+        let mem = test_mem();
+        let (t, m) = target();
+        write_req(&mem, 0, 5, &[0xC7]);
+        let (used, r) = serve_chain(&mem, &t, &m, &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE)]);
+        assert_eq!(used, 108);
+        assert_eq!(&r[0..4], &18u32.to_le_bytes());
+        assert_eq!((r[10], r[11]), (STATUS_CHECK_CONDITION, 0));
+        assert_eq!((r[12], r[14], r[24], r[25]), (0x70, 0x05, 0x20, 0x00));
+        write_req(&mem, 0, 5, &read10(2048, 1));
+        let (_, r) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), wr(DATA, 512)],
+        );
+        assert_eq!((r[10], r[14], r[24]), (STATUS_CHECK_CONDITION, 0x05, 0x21));
+    }
+
+    #[test]
+    fn overrun_and_report_luns() {
+        let mem = test_mem();
+        let (t, m) = target();
+        write_req(&mem, 0, 5, &read10(0, 4));
+        let (_, r) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), wr(DATA, 512)],
+        );
+        assert_eq!(r[11], VIRTIO_SCSI_S_OVERRUN as u8);
+        // REPORT LUNS from LUN 1 lists both.
+        write_req(&mem, 1, 5, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]);
+        let (used, _) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), wr(DATA, 256)],
+        );
+        assert_eq!(used, 108 + 24);
+        let mut d = [0u8; 24];
+        mem.read_slice(&mut d, GuestAddress(DATA)).unwrap();
+        assert_eq!(&d[0..4], &16u32.to_be_bytes());
+        assert_eq!(&d[16..24], &[0, 1, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn malformed_chains() {
+        let mem = test_mem();
+        let (t, m) = target();
+        write_req(&mem, 0, 5, &read10(0, 1));
+        // Header too short: FAILURE.
+        let (used, r) = serve_chain(&mem, &t, &m, &[rd(REQ, 20), wr(RESP, RESP_SIZE)]);
+        assert_eq!((used, r[11]), (108, VIRTIO_SCSI_S_FAILURE as u8));
+        // Data-in outside guest memory: FAILURE.
+        let (used, r) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), wr(0x18_0000, 512)],
+        );
+        assert_eq!((used, r[11]), (108, VIRTIO_SCSI_S_FAILURE as u8));
+        // Readable after writable: FAILURE.
+        let (used, r) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(RESP, RESP_SIZE), rd(DATA, 512)],
+        );
+        assert_eq!((used, r[11]), (108, VIRTIO_SCSI_S_FAILURE as u8));
+        // Response too short or outside memory: dropped, response untouched.
+        let (used, r) = serve_chain(&mem, &t, &m, &[rd(REQ, REQ_SIZE), wr(RESP, 50)]);
+        assert_eq!((used, r[0]), (0, 0xEE));
+        let (used, _) = serve_chain(
+            &mem,
+            &t,
+            &m,
+            &[rd(REQ, REQ_SIZE), wr(0x4000_0000, RESP_SIZE)],
+        );
+        assert_eq!(used, 0);
+        let (used, _) = serve_chain(&mem, &t, &m, &[rd(REQ, REQ_SIZE)]);
+        assert_eq!(used, 0);
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(g(&m.invalid_requests), 3);
+        assert_eq!(g(&m.skipped_chains), 3);
+    }
+}

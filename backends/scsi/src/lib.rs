@@ -18,6 +18,7 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod event;
+pub mod fuzz;
 pub mod guest;
 pub mod inquiry;
 pub mod lun;

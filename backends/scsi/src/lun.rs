@@ -461,3 +461,352 @@ pub fn virtio_lun(lun: u16) -> [u8; 8] {
     b[2..4].copy_from_slice(&(0x4000 | (lun & 0x3FFF)).to_be_bytes());
     b
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdb::parse;
+    use std::path::PathBuf;
+
+    /// Data-in into a vector of fixed capacity.
+    struct VecIn {
+        buf: Vec<u8>,
+        cap: usize,
+    }
+
+    impl VecIn {
+        fn new(cap: usize) -> Self {
+            VecIn {
+                buf: Vec::new(),
+                cap,
+            }
+        }
+    }
+
+    impl DataIn for VecIn {
+        fn len(&self) -> u64 {
+            self.cap as u64
+        }
+        fn written(&self) -> u64 {
+            self.buf.len() as u64
+        }
+        fn put(&mut self, data: &[u8]) -> Result<u64, DataError> {
+            let n = data.len().min(self.cap - self.buf.len());
+            self.buf.extend_from_slice(&data[..n]);
+            Ok(n as u64)
+        }
+        fn put_from_image(
+            &mut self,
+            image: &dyn DiskImage,
+            offset: u64,
+            len: u64,
+        ) -> Result<(), DataError> {
+            let mut b = vec![0u8; len as usize];
+            image.read_at(&mut b, offset)?;
+            self.buf.extend_from_slice(&b);
+            Ok(())
+        }
+    }
+
+    struct VecOut(Vec<u8>);
+
+    impl DataOut for VecOut {
+        fn len(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn get(&self, offset: u64, buf: &mut [u8]) -> Result<(), DataError> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.0[o..o + buf.len()]);
+            Ok(())
+        }
+        fn to_image(&self, image: &dyn DiskImage, offset: u64, len: u64) -> Result<(), DataError> {
+            image.write_at(&self.0[..len as usize], offset)?;
+            Ok(())
+        }
+    }
+
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn temp_raw(tag: &str, size: u64, fill: u8) -> TempFile {
+        let p =
+            std::env::temp_dir().join(format!("tern-scsi-lun-{}-{tag}.raw", std::process::id()));
+        std::fs::write(&p, vec![fill; size as usize]).unwrap();
+        TempFile(p)
+    }
+
+    fn lun_on(f: &TempFile, ro: bool) -> Lun {
+        let img = tern_image::open(&f.0, tern_image::Format::Raw, ro, false).unwrap();
+        Lun::new(2, Arc::from(img), ro, "sn".into(), Arc::new(Metrics::new()))
+    }
+
+    fn run(lun: &Lun, cdb: &[u8], out: Vec<u8>, cap: usize) -> (Result<u64, Failure>, Vec<u8>) {
+        let mut c = [0u8; 32];
+        c[..cdb.len()].copy_from_slice(cdb);
+        let cmd = parse(&c).expect("valid CDB");
+        let mut din = VecIn::new(cap);
+        let r = lun.execute(&cmd, &VecOut(out), &mut din);
+        (r, din.buf)
+    }
+
+    fn check(r: Result<u64, Failure>) -> Sense {
+        match r {
+            Err(Failure::Check(s)) => s,
+            other => panic!("expected CHECK CONDITION, got {other:?}"),
+        }
+    }
+
+    fn rw10(op: u8, lba: u32, blocks: u16) -> Vec<u8> {
+        let mut c = vec![op, 0];
+        c.extend_from_slice(&lba.to_be_bytes());
+        c.push(0);
+        c.extend_from_slice(&blocks.to_be_bytes());
+        c.push(0);
+        c
+    }
+
+    fn allocated(p: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn write_read_round_trip() {
+        let f = temp_raw("rw", 1 << 20, 0);
+        let lun = lun_on(&f, false);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let (r, _) = run(&lun, &rw10(0x2A, 8, 8), data.clone(), 0);
+        assert_eq!(r, Ok(0));
+        let file = std::fs::read(&f.0).unwrap();
+        assert_eq!(&file[4096..8192], &data[..]);
+        let (r, got) = run(&lun, &rw10(0x28, 8, 8), vec![], 4096);
+        assert_eq!(r, Ok(4096));
+        assert_eq!(got, data);
+        // READ(6) of the same blocks.
+        let (r, got) = run(&lun, &[0x08, 0, 0, 8, 8, 0], vec![], 4096);
+        assert_eq!((r, got), (Ok(4096), data));
+    }
+
+    #[test]
+    fn errors() {
+        let f = temp_raw("err", 1 << 20, 0);
+        let lun = lun_on(&f, false);
+        // 2048 blocks: the last one is readable, one past is not.
+        assert_eq!(run(&lun, &rw10(0x28, 2047, 1), vec![], 512).0, Ok(512));
+        let s = check(run(&lun, &rw10(0x28, 2047, 2), vec![], 1024).0);
+        assert_eq!(s, Sense::LBA_OUT_OF_RANGE);
+        // Buffers smaller than the transfer.
+        assert_eq!(
+            run(&lun, &rw10(0x28, 0, 2), vec![], 512).0,
+            Err(Failure::Overrun)
+        );
+        assert_eq!(
+            run(&lun, &rw10(0x2A, 0, 2), vec![0; 512], 0).0,
+            Err(Failure::Overrun)
+        );
+        // VPD page we do not have.
+        let s = check(run(&lun, &[0x12, 1, 0x89, 0, 255, 0], vec![], 255).0);
+        assert_eq!(s, Sense::INVALID_FIELD_IN_CDB);
+    }
+
+    #[test]
+    fn read_only_unit() {
+        let f = temp_raw("ro", 1 << 20, 0xAB);
+        let lun = lun_on(&f, true);
+        let s = check(run(&lun, &rw10(0x2A, 0, 1), vec![0; 512], 0).0);
+        assert_eq!(s, Sense::WRITE_PROTECTED);
+        assert_eq!((s.key, s.asc, s.ascq), (0x7, 0x27, 0x00));
+        let s = check(run(&lun, &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 1, 0], vec![0; 512], 0).0);
+        assert_eq!(s, Sense::WRITE_PROTECTED);
+        assert!(std::fs::read(&f.0).unwrap().iter().all(|&b| b == 0xAB));
+        // MODE SENSE shows WP.
+        let (r, b) = run(&lun, &[0x1A, 0x08, 0x08, 0, 255, 0], vec![], 255);
+        assert!(r.is_ok());
+        assert_eq!(b[2] & 0x80, 0x80);
+        // Reads still work.
+        let (r, b) = run(&lun, &rw10(0x28, 1, 1), vec![], 512);
+        assert_eq!(r, Ok(512));
+        assert!(b.iter().all(|&x| x == 0xAB));
+    }
+
+    #[test]
+    fn unmap_punches_holes() {
+        let size = 8 << 20;
+        let f = temp_raw("unmap", size, 0x5A);
+        let lun = lun_on(&f, false);
+        let before = allocated(&f.0);
+        assert!(before >= size, "file fully allocated: {before}");
+        // Unmap 4 MiB at 1 MiB.
+        let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        list.extend_from_slice(&2048u64.to_be_bytes());
+        list.extend_from_slice(&8192u32.to_be_bytes());
+        list.extend_from_slice(&[0; 4]);
+        let (r, _) = run(&lun, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], list, 0);
+        assert_eq!(r, Ok(0));
+        let after = allocated(&f.0);
+        assert!(after + (4 << 20) <= before, "allocated {before} -> {after}");
+        let file = std::fs::read(&f.0).unwrap();
+        assert!(file[1 << 20..5 << 20].iter().all(|&b| b == 0));
+        assert!(file[..1 << 20].iter().all(|&b| b == 0x5A));
+        assert!(file[5 << 20..].iter().all(|&b| b == 0x5A));
+        // A range past the end is refused before anything is unmapped.
+        let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        list.extend_from_slice(&16380u64.to_be_bytes());
+        list.extend_from_slice(&8u32.to_be_bytes());
+        list.extend_from_slice(&[0; 4]);
+        let s = check(run(&lun, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], list, 0).0);
+        assert_eq!(s, Sense::LBA_OUT_OF_RANGE);
+    }
+
+    #[test]
+    fn write_same() {
+        let f = temp_raw("ws", 4 << 20, 0x11);
+        let lun = lun_on(&f, false);
+        // A pattern block repeated over 16 blocks.
+        let block: Vec<u8> = (0..512u32).map(|i| i as u8).collect();
+        let (r, _) = run(&lun, &[0x41, 0, 0, 0, 0, 4, 0, 0, 16, 0], block.clone(), 0);
+        assert_eq!(r, Ok(0));
+        let file = std::fs::read(&f.0).unwrap();
+        for b in 4..20 {
+            assert_eq!(&file[b * 512..(b + 1) * 512], &block[..]);
+        }
+        assert_eq!(file[20 * 512], 0x11);
+        // WRITE SAME(16) with UNMAP and zeros: the 2 MiB range becomes a hole.
+        let before = allocated(&f.0);
+        let mut c = vec![0x93, 0x08];
+        c.extend_from_slice(&2048u64.to_be_bytes());
+        c.extend_from_slice(&4096u32.to_be_bytes());
+        c.extend_from_slice(&[0, 0]);
+        let (r, _) = run(&lun, &c, vec![0; 512], 0);
+        assert_eq!(r, Ok(0));
+        assert!(allocated(&f.0) + (2 << 20) <= before);
+        let file = std::fs::read(&f.0).unwrap();
+        assert!(file[1 << 20..3 << 20].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn verify_and_sync() {
+        let f = temp_raw("verify", 1 << 20, 0x22);
+        let lun = lun_on(&f, false);
+        assert_eq!(
+            run(&lun, &[0x2F, 0, 0, 0, 0, 0, 0, 0, 4, 0], vec![], 0).0,
+            Ok(0)
+        );
+        let s = check(run(&lun, &[0x2F, 0, 0, 0, 8, 0, 0, 0, 4, 0], vec![], 0).0);
+        assert_eq!(s, Sense::LBA_OUT_OF_RANGE);
+        // BYTCHK=1: compare.
+        let (r, _) = run(
+            &lun,
+            &[0x2F, 0x02, 0, 0, 0, 1, 0, 0, 2, 0],
+            vec![0x22; 1024],
+            0,
+        );
+        assert_eq!(r, Ok(0));
+        let mut data = vec![0x22; 1024];
+        data[700] = 0;
+        let s = check(run(&lun, &[0x2F, 0x02, 0, 0, 0, 1, 0, 0, 2, 0], data, 0).0);
+        assert_eq!(s, Sense::MISCOMPARE_DURING_VERIFY);
+        assert_eq!(
+            run(&lun, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![], 0).0,
+            Ok(0)
+        );
+        let mut c = [0u8; 16];
+        c[0] = 0x91;
+        assert_eq!(run(&lun, &c, vec![], 0).0, Ok(0));
+        assert_eq!(run(&lun, &[0x1B, 0, 0, 0, 0, 0], vec![], 0).0, Ok(0));
+        assert_eq!(run(&lun, &[0x00, 0, 0, 0, 0, 0], vec![], 0).0, Ok(0));
+    }
+
+    #[test]
+    fn capacity_inquiry_sense() {
+        let f = temp_raw("cap", 3 << 20, 0);
+        let lun = lun_on(&f, false);
+        let (r, b) = run(&lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![], 8);
+        assert_eq!(r, Ok(8));
+        assert_eq!(u32::from_be_bytes(b[0..4].try_into().unwrap()), 6143);
+        assert_eq!(u32::from_be_bytes(b[4..8].try_into().unwrap()), 512);
+        let mut c = [0u8; 16];
+        c[0] = 0x9E;
+        c[1] = 0x10;
+        c[13] = 32;
+        let (r, b) = run(&lun, &c, vec![], 64);
+        assert_eq!(r, Ok(32));
+        assert_eq!(u64::from_be_bytes(b[0..8].try_into().unwrap()), 6143);
+        assert_eq!(b[14] & 0x80, 0x80, "LBPME");
+        // Allocation length truncates, and so does a small buffer.
+        let (r, b) = run(&lun, &[0x12, 0, 0, 0, 5, 0], vec![], 255);
+        assert_eq!((r, b.len()), (Ok(5), 5));
+        let (r, b) = run(&lun, &[0x12, 0, 0, 0, 255, 0], vec![], 10);
+        assert_eq!((r, b.len()), (Ok(10), 10));
+        let (r, b) = run(&lun, &[0x03, 0, 0, 0, 252, 0], vec![], 252);
+        assert_eq!(r, Ok(18));
+        assert_eq!((b[0], b[2]), (0x70, 0));
+        let (_, b) = run(&lun, &[0x03, 1, 0, 0, 252, 0], vec![], 252);
+        assert_eq!(b[0], 0x72);
+    }
+
+    #[test]
+    fn mode_select_switches_write_cache() {
+        let f = temp_raw("ms", 1 << 20, 0);
+        let lun = lun_on(&f, false);
+        assert!(lun.mode_state().wce);
+        let (_, mut page) = run(&lun, &[0x1A, 0x08, 0x08, 0, 255, 0], vec![], 255);
+        page[0] = 0;
+        page[4 + 2] &= !0x04;
+        let n = page.len() as u8;
+        let (r, _) = run(&lun, &[0x15, 0x10, 0, 0, n, 0], page, 0);
+        assert_eq!(r, Ok(0));
+        assert!(!lun.mode_state().wce);
+        let (_, b) = run(&lun, &[0x1A, 0x08, 0x08, 0, 255, 0], vec![], 255);
+        assert_eq!(b[4 + 2] & 0x04, 0);
+        lun.reset();
+        assert!(lun.mode_state().wce);
+    }
+
+    #[test]
+    fn lun_addressing() {
+        assert_eq!(decode_lun(&virtio_lun(0)), Some(0));
+        assert_eq!(decode_lun(&virtio_lun(300)), Some(300));
+        assert_eq!(decode_lun(&virtio_lun(16383)), Some(16383));
+        assert_eq!(decode_lun(&[1, 0, 0, 7, 0, 0, 0, 0]), Some(7));
+        assert_eq!(decode_lun(&[1, 1, 0x40, 0, 0, 0, 0, 0]), None, "target 1");
+        assert_eq!(decode_lun(&[0, 0, 0x40, 0, 0, 0, 0, 0]), None);
+        assert_eq!(
+            decode_lun(&[1, 0, 0x80, 0, 0, 0, 0, 0]),
+            None,
+            "logical unit addressing"
+        );
+        assert_eq!(
+            decode_lun(&[1, 0, 0x40, 0, 0, 1, 0, 0]),
+            None,
+            "second level"
+        );
+        assert_eq!(encode_lun(5), [0, 5, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(encode_lun(300), [0x41, 0x2C, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn report_luns_lists_all() {
+        let m = Arc::new(Metrics::new());
+        let f = temp_raw("rl", 1 << 20, 0);
+        let img: Arc<dyn DiskImage> =
+            Arc::from(tern_image::open(&f.0, tern_image::Format::Raw, true, false).unwrap());
+        let t = Target::new(
+            (0..300u16)
+                .map(|i| Arc::new(Lun::new(i, img.clone(), true, String::new(), m.clone())))
+                .collect(),
+        );
+        let b = t.report_luns(0);
+        assert_eq!(u32::from_be_bytes(b[0..4].try_into().unwrap()), 300 * 8);
+        assert_eq!(&b[8..16], &encode_lun(0));
+        assert_eq!(&b[8 + 299 * 8..], &encode_lun(299));
+        assert_eq!(t.report_luns(1).len(), 8);
+        assert!(t.lookup(&virtio_lun(299)).is_some());
+        assert!(t.lookup(&virtio_lun(300)).is_none());
+    }
+}
