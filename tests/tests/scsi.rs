@@ -788,8 +788,27 @@ fn linux_sees_eight_luns_with_their_sizes_and_partitions() {
             );
         }
     }
-    for bad in ["I/O error", "Sense Key", "Unhandled", "critical", "failed"] {
+    // No errors from the SCSI stack: no failed command (sd logs its sense),
+    // no I/O error in the partition scans.
+    for bad in [
+        "I/O error",
+        "Sense Key",
+        "Add. Sense",
+        "Unhandled",
+        "critical",
+    ] {
         assert!(!has(bad), "the kernel log has `{bad}`: {run}");
+    }
+    for l in run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("scsi") || l.contains(" sd"))
+    {
+        let lower = l.to_ascii_lowercase();
+        assert!(
+            !lower.contains("error") && !lower.contains("fail"),
+            "a SCSI error in the kernel log: `{l}`\n{run}"
+        );
     }
     let attached = run
         .stdout
