@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::openapi::{request, validate_response};
+use common::openapi::{request, spec, validate_against, validate_response};
 use common::{
     guest_dir, is_pvm_host, require_kvm, tern, tern_bin, uncompressed_initramfs, Run, UNIKERNEL,
 };
@@ -380,6 +380,35 @@ fn unikernel_eight_luns_inquiry_io_unmap_and_sense() {
         ["0", "10"].contains(&field(tmf, "response")),
         "LOGICAL UNIT RESET: {tmf}"
     );
+}
+
+/// The spec's Drive schema and the server's parser agree on `interface`.
+#[test]
+fn drive_interface_in_the_spec_and_the_parser() {
+    use serde_json::json;
+    let exe = "/proc/self/exe";
+    let cases = [
+        json!({ "path_on_host": exe }),
+        json!({ "path_on_host": exe, "interface": "virtio-blk" }),
+        json!({ "path_on_host": exe, "interface": "virtio-scsi", "format": "qcow2", "is_read_only": true }),
+        json!({ "socket": "/s", "interface": "virtio-scsi", "num_queues": 4, "serial": "S-1" }),
+        json!({ "path_on_host": exe, "interface": "scsi" }),
+        json!({ "path_on_host": exe, "interface": "Virtio-Scsi" }),
+        json!({ "path_on_host": exe, "interface": null }),
+        json!({ "path_on_host": exe, "interface": 8 }),
+    ];
+    let schema = &spec()["paths"]["/drives/{drive_id}"]["put"]["requestBody"]["content"]
+        ["application/json"]["schema"];
+    for body in cases {
+        let server = tern::api::routes::parse("PUT", "/drives/d0", body.to_string().as_bytes());
+        let in_spec = validate_against(schema, &body);
+        assert_eq!(
+            server.is_ok(),
+            in_spec.is_ok(),
+            "{body}: server {:?}, spec {in_spec:?}",
+            server.err()
+        );
+    }
 }
 
 /// A `tern --api-sock`, its console and log lines collected; killed on drop.
