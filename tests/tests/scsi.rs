@@ -31,7 +31,7 @@ fn pattern(lun: u64, o: u64) -> u8 {
 
 /// The regions `scsipattern=1` writes on every writable LUN: WRITE(10) and
 /// WRITE(16), (offset, length).
-const REGIONS: [(u64, u64); 2] = [(0x10000, 0x4000), (0x100000, 0x40000)];
+const REGIONS: [(u64, u64); 2] = [(0x10000, 0x4000), (0x100000, 0x10000)];
 /// What `scsiunmap=L` unmaps: (offset, length).
 const UNMAP: (u64, u64) = (2 << 20, 1 << 20);
 
@@ -181,7 +181,7 @@ fn boot_unikernel(drives: &[String], cmdline: &str) -> Run {
         args.push("--drive");
         args.push(d);
     }
-    tern(&args, Duration::from_secs(300))
+    tern(&args, Duration::from_secs(600))
 }
 
 /// The guest's line that starts with `prefix` (trimmed), or a failure.
@@ -302,7 +302,7 @@ fn unikernel_eight_luns_inquiry_io_unmap_and_sense() {
         }
         assert_line(
             &run,
-            &format!("SCSI lun {i} write10 0x10000+0x4000 write16 0x100000+0x40000 ok"),
+            &format!("SCSI lun {i} write10 0x10000+0x4000 write16 0x100000+0x10000 ok"),
         );
         assert_line(&run, &format!("SCSI lun {i} read10 read16 ok"));
         let sync = if i == 0 { 16 } else { 10 };
@@ -340,7 +340,7 @@ fn unikernel_eight_luns_inquiry_io_unmap_and_sense() {
     // UNMAP punched a hole in the raw file.
     assert_line(
         &run,
-        "SCSI lun 2 unmap 0x200000+0x100000 descriptors=1 ok nonzero=0",
+        "SCSI lun 2 unmap 0x200000+0x100000 descriptors=1 ok nonzero_words=0",
     );
     // st_blocks counts 512-byte units; the pattern writes allocated some.
     let unmap_blocks_after = std::fs::metadata(&luns[2].path).expect("stat").blocks();
