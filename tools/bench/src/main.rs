@@ -7,6 +7,7 @@ mod http;
 mod net;
 mod report;
 mod run;
+mod scsi;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use run::{read_rss, Rss, Vm};
 
 const USAGE: &str = "\
-usage: tern-bench boot|api [options]   (tern-bench api --help for the api options)
+usage: tern-bench boot|api|blk|net|scsi [options]   (tern-bench CMD --help for its options)
 
        tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
                        [--linux] [--baseline-tern PATH]
@@ -79,6 +80,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
         }
         Some("blk") => return blk::main(it),
         Some("net") => return net::main(it),
+        Some("scsi") => return scsi::main(it),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return Ok(());
