@@ -5,6 +5,7 @@
 #include "kernel.h"
 #include "power.h"
 #include "serial.h"
+#include "snap.h"
 
 #define I8042_DATA 0x60
 #define I8042_STATUS 0x64 /* read: status; write: controller command */
@@ -110,8 +111,14 @@ void heartbeat(uint32_t period_ms, uint32_t beats, uint8_t exit_value, uint8_t e
 		kprintf("KBD self-test failed\n");
 		exit_value = exit_value_fail;
 	}
+	int snap = snap_enabled();
+	if (snap)
+		snap_setup();
 	for (uint32_t n = 1;; n++) {
-		kprintf("HEARTBEAT %u\n", n);
+		if (snap)
+			snap_beat(n);
+		else
+			kprintf("HEARTBEAT %u\n", n);
 		if (beats && n >= beats)
 			power_action("exit", exit_value);
 		for (uint32_t ms = 0; ms < period_ms; ms++) {
@@ -119,6 +126,8 @@ void heartbeat(uint32_t period_ms, uint32_t beats, uint8_t exit_value, uint8_t e
 				kprintf("KBD ctrl-alt-del\n");
 				power_action("exit", exit_value);
 			}
+			if (snap)
+				snap_tick();
 			delay_ms(1);
 		}
 	}

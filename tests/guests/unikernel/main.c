@@ -15,6 +15,7 @@
 #include "scsi_test.h"
 #include "serial.h"
 #include "smp.h"
+#include "snap.h"
 #include "start_info.h"
 
 #define CMDLINE_MAX 1024
@@ -265,6 +266,8 @@ static void parse_cmdline(void)
 				check_fail("bad blkbar= value");
 			else
 				cfg.blk.bar = b;
+		} else if (snap_parse_key(w, kn, v, vn)) {
+			/* mempattern, memcheck, memfillbeat, memdirty, snapblk, netserve */
 		} else if (net_parse_key(w, kn, v, vn)) {
 			/* netip, netgw, netqueues, netudp, netport, netwait, nettimeout */
 		} else if (scsi_parse_key(w, kn, v, vn)) {

@@ -249,3 +249,27 @@ int mem_map_mmio(uint64_t addr, uint64_t size)
 	__asm__ volatile("mov %%cr3, %0\n\tmov %0, %%cr3" : "=r"(cr3) : : "memory");
 	return rc;
 }
+
+uint64_t mem_map_all_ram(void)
+{
+	uint64_t top = 0;
+	for (unsigned i = 0; i < memmap_entries; i++)
+		if (memmap[i].type == 1 && memmap[i].addr + memmap[i].size > top)
+			top = memmap[i].addr + memmap[i].size;
+	if (top > MEM_MAP_LIMIT)
+		top = MEM_MAP_LIMIT;
+	pool_init();
+	if (top > 4 * GIB)
+		map_high(align_up(top, GIB)); /* idempotent */
+	/* The boot tables map 2-4 GiB uncached (for MMIO); RAM there is
+	 * made write-back, a whole 2 MiB page at a time. */
+	for (uint64_t p = 2 * GIB; p < 4 * GIB && p < top; p += 2 * MIB) {
+		if (memmap_is_ram(p, 2 * MIB) != 1)
+			continue;
+		volatile uint64_t *pd = (volatile uint64_t *)(uintptr_t)(pdpt[p / GIB] & ~0xfffull);
+		pd[(p / (2 * MIB)) & 511] = p | PDE_2M;
+	}
+	uint64_t cr3;
+	__asm__ volatile("mov %%cr3, %0\n\tmov %0, %%cr3" : "=r"(cr3) : : "memory");
+	return pool_next;
+}

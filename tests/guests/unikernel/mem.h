@@ -20,4 +20,9 @@ void mem_check(int64_t expect_mib);
 #define MEM_MMIO_LIMIT ((uint64_t)1 << 46) /* 64 TiB */
 int mem_map_mmio(uint64_t addr, uint64_t size);
 
+/* Identity-map all RAM write-back (page directories above 4 GiB, and the
+ * RAM between 2 and 4 GiB that the boot tables map uncached). Returns the
+ * end of the page-table pool (RAM after the image used for tables). */
+uint64_t mem_map_all_ram(void);
+
 #endif

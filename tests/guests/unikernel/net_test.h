@@ -9,4 +9,12 @@
 int net_parse_key(const char *k, size_t kn, const char *v, size_t vn);
 void net_check(void);
 
+/* netserve=1 with the heartbeat: bring every virtio-net function up (netip/
+ * netgw as for the check, one queue pair) and print "NETSERVE <bdf> mac=..
+ * ip=.."; net_serve_poll answers ARP and pings (called every millisecond
+ * between beats); net_serve_answered counts the pings answered. */
+int net_serve_init(void);
+void net_serve_poll(void);
+unsigned net_serve_answered(void);
+
 #endif

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod openapi;
+pub mod vm;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
