@@ -32,10 +32,13 @@ waits for configuration and InstanceStart there.
   --cpu-template NAME   host (default on hardware KVM), baseline, or pvm
                         (default on kvm_pvm hosts)
   --config-file PATH    JSON with machine-config, boot-source, serial sections
-  --drive SPEC          a virtio-blk disk (repeatable):
+  --drive SPEC          a disk (repeatable):
                         path=FILE[,format=raw|qcow2][,ro=on][,id=ID][,queues=N]
-                        [,serial=S][,root=on][,cache=direct], or socket=PATH
-                        (an external vhost-user backend) instead of path=
+                        [,serial=S][,root=on][,cache=direct]
+                        [,interface=virtio-blk|virtio-scsi], or socket=PATH
+                        (an external vhost-user backend) instead of path=;
+                        virtio-scsi drives are the LUNs, in order, of one
+                        virtio-scsi controller (one tern-scsi)
   --net SPEC            a virtio-net NIC (repeatable): tap=NAME[,mac=MAC]
                         [,queues=N][,mtu=N][,id=ID], or socket=PATH (an
                         external vhost-user-net backend) instead of tap=
@@ -158,7 +161,7 @@ fn parse_net(spec: &str, index: usize) -> Result<crate::config::NetConfig, Strin
 
 /// Parses a `--drive` value: comma-separated `key=value` pairs.
 fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, String> {
-    use crate::config::{DriveCache, DriveConfig, DriveFormat};
+    use crate::config::{DriveCache, DriveConfig, DriveFormat, DriveInterface};
     let mut d = DriveConfig {
         drive_id: format!("drive{index}"),
         path_on_host: None,
@@ -169,6 +172,7 @@ fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, S
         socket: None,
         cache: DriveCache::Writeback,
         serial: None,
+        interface: DriveInterface::VirtioBlk,
     };
     let on = |k: &str, v: &str| match v {
         "on" | "true" | "1" => Ok(true),
@@ -204,6 +208,13 @@ fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, S
                     "writeback" => DriveCache::Writeback,
                     "direct" => DriveCache::Direct,
                     _ => return Err(format!("cache={v}: use writeback or direct")),
+                }
+            }
+            "interface" => {
+                d.interface = match v {
+                    "virtio-blk" => DriveInterface::VirtioBlk,
+                    "virtio-scsi" => DriveInterface::VirtioScsi,
+                    _ => return Err(format!("interface={v}: use virtio-blk or virtio-scsi")),
                 }
             }
             _ => return Err(format!("unknown key `{k}`")),
@@ -440,5 +451,39 @@ mod tests {
         }
         assert!(parse(args("--merge-memory /b")).is_err());
         assert!(parse(args("--merge-memory /b,/d --cpus 2")).is_err());
+    }
+
+    #[test]
+    fn scsi_drives_on_the_command_line() {
+        let Command::Run(o) = parse(args(
+            "--kernel /k --drive path=/a,interface=virtio-scsi,ro=on --drive path=/b \
+             --drive socket=/s,interface=virtio-blk",
+        ))
+        .unwrap() else {
+            panic!("not a run");
+        };
+        use crate::config::DriveInterface;
+        let kinds: Vec<_> = o.config.drives.iter().map(|d| d.interface).collect();
+        assert_eq!(
+            kinds,
+            [
+                DriveInterface::VirtioScsi,
+                DriveInterface::VirtioBlk,
+                DriveInterface::VirtioBlk
+            ]
+        );
+        assert!(o.config.drives[0].is_read_only);
+        let Err(CliError::BadValue { why, .. }) =
+            parse(args("--kernel /k --drive path=/a,interface=ide"))
+        else {
+            panic!("interface=ide accepted");
+        };
+        assert!(why.contains("virtio-scsi"), "{why}");
+        let e = parse(args(
+            "--kernel /k --drive path=/a,interface=virtio-scsi --drive socket=/s,interface=virtio-scsi",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("same backend"), "{e}");
     }
 }

@@ -120,8 +120,35 @@ pub enum DriveCache {
     Direct,
 }
 
-/// `drives`: a virtio-blk disk served by a vhost-user backend: a managed
-/// tern-blk for `path_on_host`, or an external backend at `socket`.
+/// The virtio device a drive reaches the guest through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DriveInterface {
+    /// A virtio-blk function of its own, served by its own tern-blk.
+    #[default]
+    #[serde(rename = "virtio-blk")]
+    VirtioBlk,
+    /// A LUN of the VM's one virtio-scsi controller, served by one tern-scsi
+    /// for all the VM's virtio-scsi drives (LUNs numbered in config order).
+    #[serde(rename = "virtio-scsi")]
+    VirtioScsi,
+}
+
+impl DriveInterface {
+    /// The name in the API and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriveInterface::VirtioBlk => "virtio-blk",
+            DriveInterface::VirtioScsi => "virtio-scsi",
+        }
+    }
+}
+
+/// Most LUNs of the virtio-scsi controller (virtio-scsi drives of a VM).
+pub const MAX_SCSI_LUNS: usize = 256;
+
+/// `drives`: a disk served by a vhost-user backend: a virtio-blk function
+/// (a managed tern-blk for `path_on_host`, or an external backend at
+/// `socket`), or a LUN of the virtio-scsi controller (`interface`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
@@ -149,9 +176,13 @@ pub struct DriveConfig {
     /// Host cache mode.
     #[serde(default)]
     pub cache: DriveCache,
-    /// Serial number the guest reads (GET_ID); default: the drive id.
+    /// Serial number the guest reads (GET_ID, or the SCSI unit serial
+    /// number VPD page); default: the drive id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// virtio-blk (default) or a LUN of the virtio-scsi controller.
+    #[serde(default)]
+    pub interface: DriveInterface,
 }
 
 /// `network-interfaces`: a virtio-net NIC served by a vhost-user backend: a
@@ -335,6 +366,34 @@ impl DriveConfig {
         if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
             return bad("serial is longer than 20 bytes".into());
         }
+        if self.interface == DriveInterface::VirtioScsi {
+            if self.is_root_device {
+                return bad(
+                    "a virtio-scsi drive cannot be the root device (use virtio-blk, or name root= in boot_args)"
+                        .into(),
+                );
+            }
+            if self.cache == DriveCache::Direct {
+                return bad("cache Direct is not supported on virtio-scsi drives".into());
+            }
+            if self
+                .serial
+                .as_ref()
+                .is_some_and(|s| !s.bytes().all(|b| b.is_ascii_graphic() && b != b','))
+            {
+                return bad(
+                    "serial of a virtio-scsi drive must be printable ASCII without spaces or commas"
+                        .into(),
+                );
+            }
+            if self
+                .path_on_host
+                .as_ref()
+                .is_some_and(|p| p.to_string_lossy().contains(','))
+            {
+                return bad("path_on_host of a virtio-scsi drive must not contain a comma".into());
+            }
+        }
         Ok(())
     }
 }
@@ -465,13 +524,79 @@ impl VmConfig {
                 - crate::machine::layout::PCI_FIRST_DEVICE_SLOT
                 + 1,
         );
-        let devices = self.drives.len() + self.network_interfaces.len();
+        self.validate_scsi()?;
+        let blk = self
+            .drives
+            .iter()
+            .filter(|d| d.interface == DriveInterface::VirtioBlk)
+            .count();
+        let scsi = usize::from(!self.scsi_drives().is_empty());
+        let devices = blk + scsi + self.network_interfaces.len();
         if devices > slots {
             return Err(ConfigError::Invalid(format!(
                 "{devices} devices do not fit in the {slots} PCI slots"
             )));
         }
         Ok(())
+    }
+
+    /// The virtio-scsi drives, in config order: the LUNs of the controller.
+    pub fn scsi_drives(&self) -> Vec<&DriveConfig> {
+        self.drives
+            .iter()
+            .filter(|d| d.interface == DriveInterface::VirtioScsi)
+            .collect()
+    }
+
+    /// The virtio-scsi drives together: one backend serves them all, so
+    /// they name the same external socket or none does, and agree on the
+    /// controller's request queues.
+    fn validate_scsi(&self) -> Result<(), ConfigError> {
+        let scsi = self.scsi_drives();
+        let Some(first) = scsi.first() else {
+            return Ok(());
+        };
+        if scsi.len() > MAX_SCSI_LUNS {
+            return Err(ConfigError::Invalid(format!(
+                "{} virtio-scsi drives: the controller has at most {MAX_SCSI_LUNS} LUNs",
+                scsi.len()
+            )));
+        }
+        for d in &scsi {
+            if d.socket != first.socket {
+                let name = |d: &DriveConfig| match &d.socket {
+                    Some(s) => format!("socket {}", s.display()),
+                    None => "a managed backend (path_on_host)".to_string(),
+                };
+                return Err(ConfigError::Invalid(format!(
+                    "virtio-scsi drives {} and {} are LUNs of one controller and must have the same backend, \
+                     but {} has {} and {} has {}",
+                    first.drive_id,
+                    d.drive_id,
+                    first.drive_id,
+                    name(first),
+                    d.drive_id,
+                    name(d)
+                )));
+            }
+        }
+        let mut queues = scsi.iter().filter_map(|d| d.num_queues.map(|q| (d, q)));
+        if let Some((qd, q)) = queues.next() {
+            if let Some((od, o)) = queues.find(|(_, o)| *o != q) {
+                return Err(ConfigError::Invalid(format!(
+                    "virtio-scsi drives {} and {} ask for {q} and {o} queues, but they share one controller",
+                    qd.drive_id, od.drive_id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Request queues of the virtio-scsi controller: what its drives ask
+    /// (they agree), else `None` (1 for a managed backend, the backend's
+    /// own count for an external one).
+    pub fn scsi_queues(&self) -> Option<u16> {
+        self.scsi_drives().iter().find_map(|d| d.num_queues)
     }
 
     /// Adds or replaces the NIC with this id.
@@ -570,5 +695,106 @@ mod tests {
         c.machine_config.vcpu_count = 0;
         assert!(c.validate().is_err());
         assert!("file:".parse::<SerialOutput>().is_err());
+    }
+
+    fn scsi_drive(id: &str, socket: Option<&str>) -> DriveConfig {
+        DriveConfig {
+            drive_id: id.into(),
+            path_on_host: socket.is_none().then(|| "/img".into()),
+            is_root_device: false,
+            is_read_only: false,
+            format: DriveFormat::Raw,
+            num_queues: None,
+            socket: socket.map(Into::into),
+            cache: DriveCache::Writeback,
+            serial: None,
+            interface: DriveInterface::VirtioScsi,
+        }
+    }
+
+    #[test]
+    fn scsi_drives_share_one_backend() {
+        let json = r#"{"drives": [
+            {"drive_id": "a", "path_on_host": "/a", "interface": "virtio-scsi"},
+            {"drive_id": "b", "path_on_host": "/b"},
+            {"drive_id": "c", "path_on_host": "/c", "interface": "virtio-scsi", "num_queues": 2}
+        ]}"#;
+        let mut c: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.drives[1].interface, DriveInterface::VirtioBlk);
+        c.validate_drives().unwrap();
+        let ids: Vec<&str> = c
+            .scsi_drives()
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(c.scsi_queues(), Some(2));
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains(r#""interface":"virtio-scsi""#), "{text}");
+        assert!(text.contains(r#""interface":"virtio-blk""#), "{text}");
+
+        // Queue counts must agree; sockets must be the same (or all absent).
+        c.upsert_drive(DriveConfig {
+            num_queues: Some(3),
+            ..scsi_drive("d", None)
+        });
+        let e = c.validate_drives().unwrap_err().to_string();
+        assert!(e.contains("2 and 3 queues"), "{e}");
+        c.drives.pop();
+        c.upsert_drive(scsi_drive("e", Some("/s")));
+        let e = c.validate_drives().unwrap_err().to_string();
+        assert!(e.contains("same backend") && e.contains("socket /s"), "{e}");
+        let ext = VmConfig {
+            drives: vec![scsi_drive("x", Some("/s")), scsi_drive("y", Some("/s"))],
+            ..Default::default()
+        };
+        ext.validate_drives().unwrap();
+        let other = VmConfig {
+            drives: vec![scsi_drive("x", Some("/s")), scsi_drive("y", Some("/t"))],
+            ..Default::default()
+        };
+        assert!(other.validate_drives().is_err());
+
+        // Per drive: no root, no O_DIRECT, a serial and path tern-scsi can take.
+        for bad in [
+            DriveConfig {
+                is_root_device: true,
+                ..scsi_drive("r", None)
+            },
+            DriveConfig {
+                cache: DriveCache::Direct,
+                ..scsi_drive("r", None)
+            },
+            DriveConfig {
+                serial: Some("a,b".into()),
+                ..scsi_drive("r", None)
+            },
+            DriveConfig {
+                path_on_host: Some("/a,b".into()),
+                ..scsi_drive("r", None)
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<DriveConfig>(
+            r#"{"drive_id": "a", "path_on_host": "/a", "interface": "scsi"}"#
+        )
+        .is_err());
+
+        // Up to 256 LUNs; they take one PCI slot.
+        let many = VmConfig {
+            drives: (0..MAX_SCSI_LUNS)
+                .map(|i| scsi_drive(&format!("l{i}"), None))
+                .collect(),
+            ..Default::default()
+        };
+        many.validate_drives().unwrap();
+        let mut too_many = many.clone();
+        too_many.drives.push(scsi_drive("over", None));
+        assert!(too_many
+            .validate_drives()
+            .unwrap_err()
+            .to_string()
+            .contains("at most 256 LUNs"));
     }
 }

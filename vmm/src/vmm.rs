@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootSpec};
-use crate::config::{DriveCache, DriveConfig, DriveFormat};
+use crate::config::{DriveCache, DriveConfig, DriveFormat, DriveInterface};
 use crate::config::{HugePages, SerialOutput, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::serial::{forward_stdin, SerialOut};
@@ -30,7 +30,7 @@ use crate::machine::{self, layout::HIGH_RAM_START, DeviceInfo};
 use crate::memory;
 use crate::terminal::RawTerminal;
 use crate::vhost_user::backend_process::{backend_binary, BackendProcess};
-use crate::vhost_user::device::VhostUserDevice;
+use crate::vhost_user::device::{VhostUserDevice, SCSI_FIXED_QUEUES};
 use crate::vhost_user::dirty_log::DirtyLog;
 use std::sync::Mutex;
 use vm_allocator::{AddressAllocator, AllocPolicy};
@@ -166,6 +166,9 @@ pub struct VirtioEntry {
     pub device: Arc<Mutex<VirtioPciDevice>>,
     /// The managed backend's process ID, if tern started it.
     pub backend_pid: Option<u32>,
+    /// A virtio-scsi controller's LUNs (drive ids, LUN 0 first); empty for
+    /// other devices.
+    pub luns: Vec<String>,
 }
 
 /// A VM whose vCPUs are running (or paused).
@@ -333,6 +336,7 @@ impl Vmm {
                 state: dev.state(),
                 backend: dev.backend(),
                 backend_pid: dev.backend_pid().or(v.backend_pid),
+                luns: (!v.luns.is_empty()).then(|| v.luns.clone()),
             });
         }
         all
@@ -396,9 +400,13 @@ fn spawn_reconnector(virtio: &[VirtioEntry]) {
         });
 }
 
-/// The drives, root device first.
+/// The virtio-blk drives, root device first.
 fn ordered_drives(config: &VmConfig) -> Vec<&DriveConfig> {
-    let mut v: Vec<&DriveConfig> = config.drives.iter().collect();
+    let mut v: Vec<&DriveConfig> = config
+        .drives
+        .iter()
+        .filter(|d| d.interface == DriveInterface::VirtioBlk)
+        .collect();
     v.sort_by_key(|d| !d.is_root_device);
     v
 }
@@ -451,12 +459,112 @@ fn attach(
         slot,
         device,
         backend_pid,
+        luns: Vec::new(),
     })
 }
 
+/// The id of the virtio-scsi controller in `GET /devices`.
+pub const SCSI_CONTROLLER_ID: &str = "scsi0";
+/// The name of the managed tern-scsi's socket in the runtime directory (a
+/// `.` so that it cannot be a drive's or NIC's id).
+const SCSI_RUNTIME_ID: &str = "scsi.0";
+
+/// The `--lun` value of tern-scsi for a managed virtio-scsi drive.
+fn lun_arg(d: &DriveConfig) -> Result<String, VmmError> {
+    let Some(path) = &d.path_on_host else {
+        return Err(crate::config::ConfigError::Invalid(format!(
+            "drive {} has no backend",
+            d.drive_id
+        ))
+        .into());
+    };
+    let mut lun = format!(
+        "{},format={},serial={}",
+        path.display(),
+        match d.format {
+            DriveFormat::Raw => "raw",
+            DriveFormat::Qcow2 => "qcow2",
+        },
+        d.serial.as_deref().unwrap_or(&d.drive_id)
+    );
+    if d.is_read_only {
+        lun.push_str(",ro=on");
+    }
+    Ok(lun)
+}
+
+/// Starts (or connects to) the backend of the virtio-scsi controller whose
+/// LUNs are `drives` (in LUN order) and puts it on bus 0 at `slot`.
+fn build_scsi(
+    config: &VmConfig,
+    drives: &[&DriveConfig],
+    slot: u8,
+    bars: &mut AddressAllocator,
+    env: &PciEnv,
+    machine: &machine::Machine,
+) -> Result<VirtioEntry, VmmError> {
+    let ids: Vec<String> = drives.iter().map(|d| d.drive_id.clone()).collect();
+    let label = format!("virtio-scsi drives {}", ids.join(", "));
+    let requested = config.scsi_queues();
+    let external = drives.first().and_then(|d| d.socket.clone());
+    let (socket, process) = match external {
+        Some(s) => (s, None),
+        None => {
+            let mut args = Vec::with_capacity(2 * drives.len() + 2);
+            for d in drives {
+                args.push("--lun".to_string());
+                args.push(lun_arg(d)?);
+            }
+            args.push("--queues".into());
+            args.push(requested.unwrap_or(1).to_string());
+            let p = BackendProcess::start(&backend_binary("tern-scsi"), SCSI_RUNTIME_ID, &args)
+                .map_err(|err| VmmError::Backend {
+                    drive: label.clone(),
+                    err,
+                })?;
+            (p.socket().to_owned(), Some(p))
+        }
+    };
+    let backend_pid = process.as_ref().map(BackendProcess::pid);
+    // A managed backend serves what the drives ask (default 1); an
+    // external one says itself how many queues it has.
+    let request_queues = match (requested, process.is_some()) {
+        (Some(n), _) => n,
+        (None, true) => 1,
+        (None, false) => crate::config::MAX_DRIVE_QUEUES,
+    };
+    let max_queues = SCSI_FIXED_QUEUES + usize::from(request_queues);
+    let scsi = VhostUserDevice::scsi(&socket, max_queues, &env.mem, process).map_err(|err| {
+        VmmError::VhostUser {
+            drive: label.clone(),
+            err,
+        }
+    })?;
+    log::info!(
+        "virtio-scsi controller {SCSI_CONTROLLER_ID}: LUNs {} ({} request queues, max_lun {}) at 00:{slot:02x}.0 via {}",
+        ids.join(", "),
+        scsi.scsi_request_queues(),
+        scsi.scsi_max_lun(),
+        socket.display()
+    );
+    let mut entry = attach(
+        bars,
+        slot,
+        &label,
+        SCSI_CONTROLLER_ID,
+        scsi,
+        backend_pid,
+        env,
+        machine,
+    )?;
+    entry.luns = ids;
+    Ok(entry)
+}
+
 /// Starts (or connects to) each drive's and NIC's backend and puts a
-/// virtio-blk or virtio-net function for it on the PCI bus: drives first
-/// (a root drive in slot 1), then NICs.
+/// virtio-blk or virtio-net function for it on the PCI bus: virtio-blk
+/// drives first (a root drive in slot 1), then the virtio-scsi controller
+/// with every virtio-scsi drive as a LUN, then NICs.
 fn build_drives(
     config: &VmConfig,
     env: &PciEnv,
@@ -535,6 +643,11 @@ fn build_drives(
             env,
             machine,
         )?);
+    }
+    let scsi = config.scsi_drives();
+    if !scsi.is_empty() {
+        let slot = PCI_FIRST_DEVICE_SLOT + entries.len() as u8;
+        entries.push(build_scsi(config, &scsi, slot, &mut bars, env, machine)?);
     }
     let first_net_slot = PCI_FIRST_DEVICE_SLOT + entries.len() as u8;
     for (i, n) in config.network_interfaces.iter().enumerate() {

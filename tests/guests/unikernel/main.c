@@ -12,6 +12,7 @@
 #include "net_test.h"
 #include "pci.h"
 #include "power.h"
+#include "scsi_test.h"
 #include "serial.h"
 #include "smp.h"
 #include "snap.h"
@@ -54,7 +55,7 @@ int memmap_is_ram(uint64_t addr, uint64_t len)
 }
 
 static struct {
-	int check_pci, check_acpi, check_smp, check_mem, check_blk, check_net;
+	int check_pci, check_acpi, check_smp, check_mem, check_blk, check_net, check_scsi;
 	int blk_passes;
 	struct blk_opts blk;
 	char action[32];
@@ -174,6 +175,8 @@ static void parse_checks(const char *v, size_t n)
 				cfg.check_blk = 1;
 			else if (word_eq(v + i, j - i, "net"))
 				cfg.check_net = 1;
+			else if (word_eq(v + i, j - i, "scsi"))
+				cfg.check_scsi = 1;
 			else {
 				char name[32];
 				size_t k = j - i < sizeof(name) - 1 ? j - i : sizeof(name) - 1;
@@ -267,6 +270,8 @@ static void parse_cmdline(void)
 			/* mempattern, memcheck, memfillbeat, memdirty, snapblk, netserve */
 		} else if (net_parse_key(w, kn, v, vn)) {
 			/* netip, netgw, netqueues, netudp, netport, netwait, nettimeout */
+		} else if (scsi_parse_key(w, kn, v, vn)) {
+			/* scsiluns, scsiro, scsiunmap, scsibadlun, scsipattern, scsitimeout */
 		} else if (word_eq(w, kn, "beats")) {
 			int64_t m = parse_num(v, vn);
 			if (m < 0 || m > 0xffffffffll)
@@ -342,6 +347,9 @@ void kmain(uint32_t info_paddr, uint32_t protocol)
 
 	if (cfg.check_net)
 		net_check();
+
+	if (cfg.check_scsi)
+		scsi_check();
 
 	if (check_failures == 0)
 		kprintf("RESULT pass\n");

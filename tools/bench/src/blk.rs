@@ -145,14 +145,14 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
 
 /// One measurement.
 #[derive(Clone, Copy)]
-struct Case {
-    key: &'static str,
-    name: &'static str,
-    write: bool,
-    random: bool,
-    bs: u32,
-    qd: usize,
-    queues: usize,
+pub(crate) struct Case {
+    pub(crate) key: &'static str,
+    pub(crate) name: &'static str,
+    pub(crate) write: bool,
+    pub(crate) random: bool,
+    pub(crate) bs: u32,
+    pub(crate) qd: usize,
+    pub(crate) queues: usize,
 }
 
 const CASES: [Case; 6] = [
@@ -225,20 +225,20 @@ impl Case {
 
 /// The outcome of one measurement.
 #[derive(Clone, Debug, Default)]
-struct Res {
-    iops: f64,
-    mbps: f64,
-    lat_p50_us: f64,
-    lat_p99_us: f64,
-    ios: u64,
-    seconds: f64,
+pub(crate) struct Res {
+    pub(crate) iops: f64,
+    pub(crate) mbps: f64,
+    pub(crate) lat_p50_us: f64,
+    pub(crate) lat_p99_us: f64,
+    pub(crate) ios: u64,
+    pub(crate) seconds: f64,
     /// Driver-side counters (tern-blk runs only).
-    kicks: u64,
-    calls: u64,
+    pub(crate) kicks: u64,
+    pub(crate) calls: u64,
 }
 
 impl Res {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         json!({
             "iops": self.iops,
             "mb_per_s": self.mbps,
@@ -253,10 +253,10 @@ impl Res {
 }
 
 /// xorshift64*: fast and good enough for offsets.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -267,10 +267,10 @@ impl Rng {
 }
 
 /// The benchmark file; removed on drop when we created it.
-struct BenchFile {
-    path: PathBuf,
-    size: u64,
-    owned: bool,
+pub(crate) struct BenchFile {
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) owned: bool,
 }
 
 impl Drop for BenchFile {
@@ -281,7 +281,7 @@ impl Drop for BenchFile {
     }
 }
 
-fn create_file(path: &Path, size: u64) -> Result<BenchFile, String> {
+pub(crate) fn create_file(path: &Path, size: u64) -> Result<BenchFile, String> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -318,7 +318,7 @@ fn create_file(path: &Path, size: u64) -> Result<BenchFile, String> {
 }
 
 /// Drive `binary` on `file` for `seconds` with `case`.
-fn drive(
+pub(crate) fn drive(
     binary: &Path,
     file: &BenchFile,
     direct: bool,
@@ -449,7 +449,7 @@ fn drive(
     Ok(res)
 }
 
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(pub(crate) PathBuf);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
@@ -457,11 +457,11 @@ impl Drop for DirGuard {
     }
 }
 
-struct Worker {
-    ios: u64,
-    lat_ns: Vec<u32>,
-    kicks: u64,
-    calls: u64,
+pub(crate) struct Worker {
+    pub(crate) ios: u64,
+    pub(crate) lat_ns: Vec<u32>,
+    pub(crate) kicks: u64,
+    pub(crate) calls: u64,
 }
 
 /// One queue's loop: keep `case.qd` requests in flight until the deadline,
@@ -568,7 +568,7 @@ fn run_queue(
 }
 
 /// fio availability: installs it with apt-get when missing.
-fn ensure_fio() -> Result<String, String> {
+pub(crate) fn ensure_fio() -> Result<String, String> {
     let version = || {
         Command::new("fio")
             .arg("--version")
@@ -592,8 +592,19 @@ fn ensure_fio() -> Result<String, String> {
     }
 }
 
-/// Run fio for `case`; Err with fio's complaint on failure.
+/// Run fio for `case` (O_DIRECT); Err with fio's complaint on failure.
 fn fio(engine: &str, file: &BenchFile, case: &Case, seconds: u64) -> Result<Res, String> {
+    fio_with(engine, file, case, seconds, true)
+}
+
+/// Run fio for `case`, with O_DIRECT or through the page cache.
+pub(crate) fn fio_with(
+    engine: &str,
+    file: &BenchFile,
+    case: &Case,
+    seconds: u64,
+    direct: bool,
+) -> Result<Res, String> {
     let rw = match (case.random, case.write) {
         (true, false) => "randread",
         (true, true) => "randwrite",
@@ -604,7 +615,7 @@ fn fio(engine: &str, file: &BenchFile, case: &Case, seconds: u64) -> Result<Res,
         .arg("--name=tern-bench")
         .arg(format!("--filename={}", file.path.display()))
         .arg(format!("--size={}", file.size))
-        .arg("--direct=1")
+        .arg(format!("--direct={}", u8::from(direct)))
         .arg(format!("--ioengine={engine}"))
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", case.bs))

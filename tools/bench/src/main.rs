@@ -7,6 +7,7 @@ mod http;
 mod net;
 mod report;
 mod run;
+mod scsi;
 mod snapshot;
 
 use std::ffi::OsString;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use run::{read_rss, Rss, Vm};
 
 const USAGE: &str = "\
-usage: tern-bench boot|api|blk|net|snapshot [options]   (tern-bench api --help for the api options)
+usage: tern-bench boot|api|blk|net|scsi|snapshot [options]   (tern-bench CMD --help for its options)
 
        tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
                        [--linux] [--baseline-tern PATH]
@@ -81,6 +82,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
         Some("blk") => return blk::main(it),
         Some("net") => return net::main(it),
         Some("snapshot") => return snapshot::main(it),
+        Some("scsi") => return scsi::main(it),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return Ok(());

@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use vm_memory;
 
 pub mod net;
+pub mod scsi;
 
 /// virtio-blk request types and status values (virtio 1.2 §5.2.6).
 pub mod blk {

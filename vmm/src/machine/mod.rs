@@ -70,6 +70,9 @@ pub struct DeviceInfo {
     /// The managed backend's process ID.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_pid: Option<u32>,
+    /// A virtio-scsi controller's LUNs: the drive ids, LUN 0 first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub luns: Option<Vec<String>>,
 }
 
 impl DeviceInfo {
@@ -83,6 +86,7 @@ impl DeviceInfo {
             state: "attached",
             backend: None,
             backend_pid: None,
+            luns: None,
         }
     }
 
@@ -96,6 +100,7 @@ impl DeviceInfo {
             state: "attached",
             backend: None,
             backend_pid: None,
+            luns: None,
         }
     }
 }
@@ -188,6 +193,7 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         state: "attached",
         backend: None,
         backend_pid: None,
+        luns: None,
     };
     let devices = vec![
         DeviceInfo::pci("host-bridge", "pci-host-bridge", hb.0, hb.1),

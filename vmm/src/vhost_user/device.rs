@@ -1,6 +1,7 @@
 //! A virtio device whose queues a vhost-user backend serves: virtio-blk
-//! (tern-blk, or any vhost-user-blk backend) and virtio-net (tern-net). tern
-//! only relays configuration: capacity, MAC, queue counts and features come
+//! (tern-blk, or any vhost-user-blk backend), virtio-net (tern-net) and
+//! virtio-scsi (tern-scsi, or any vhost-user-scsi backend). tern only relays
+//! configuration: capacity, MAC, queue counts, SCSI limits and features come
 //! from the backend.
 
 use vm_memory::GuestMemoryMmap;
@@ -13,6 +14,14 @@ use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_
 pub const VIRTIO_ID_NET: u16 = 1;
 /// virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u16 = 2;
+/// virtio device type of a SCSI host.
+pub const VIRTIO_ID_SCSI: u16 = 8;
+/// Bytes of `struct virtio_scsi_config`: num_queues, seg_max, max_sectors,
+/// cmd_per_lun, event_info_size, sense_size, cdb_size, max_channel,
+/// max_target, max_lun.
+const SCSI_CONFIG_LEN: u32 = 36;
+/// virtio-scsi queues before the request queues: control and event.
+pub const SCSI_FIXED_QUEUES: usize = 2;
 /// Bytes of `struct virtio_net_config` tern reads: mac, status,
 /// max_virtqueue_pairs, mtu.
 const NET_CONFIG_LEN: u32 = 12;
@@ -112,6 +121,57 @@ impl VhostUserDevice {
             mem,
             process,
         )
+    }
+
+    /// A virtio-scsi controller served by the backend at `socket`: the
+    /// control queue, the event queue, then the request queues (at most
+    /// `max_queues` in all). The config's `num_queues` (request queues) is
+    /// set to the request queues tern exposes.
+    pub fn scsi(
+        socket: &std::path::Path,
+        max_queues: usize,
+        mem: &GuestMemoryMmap,
+        process: Option<BackendProcess>,
+    ) -> Result<Self, VhostUserError> {
+        let mut d = Self::connect(
+            VIRTIO_ID_SCSI,
+            SCSI_CONFIG_LEN,
+            socket,
+            max_queues,
+            mem,
+            process,
+        )?;
+        let queues = d.handle.queue_num();
+        if queues <= SCSI_FIXED_QUEUES {
+            return Err(VhostUserError::Missing(
+                "a request queue (virtio-scsi needs control, event and request queues; is VHOST_USER_PROTOCOL_F_MQ offered?)",
+            ));
+        }
+        let request = u32::try_from(queues - SCSI_FIXED_QUEUES).unwrap_or(u32::MAX);
+        if let Some(nq) = d.config.get_mut(..4) {
+            let backend = u32::from_le_bytes([nq[0], nq[1], nq[2], nq[3]]);
+            nq.copy_from_slice(&request.min(backend.max(1)).to_le_bytes());
+        }
+        Ok(d)
+    }
+
+    /// A field of a virtio-scsi controller's config (`offset` in bytes).
+    fn config_u32(&self, offset: usize) -> u32 {
+        self.config
+            .get(offset..offset + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(0)
+    }
+
+    /// Request queues of a virtio-scsi controller, from its config.
+    pub fn scsi_request_queues(&self) -> u32 {
+        self.config_u32(0)
+    }
+
+    /// Highest LUN a virtio-scsi controller's config announces.
+    pub fn scsi_max_lun(&self) -> u32 {
+        self.config_u32(32)
     }
 
     /// The MAC address in the backend's config (net devices).

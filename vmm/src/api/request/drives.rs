@@ -1,6 +1,8 @@
 //! `PUT /drives/{drive_id}`: a disk (Firecracker's body, plus `format`,
 //! `num_queues`, `socket` for an external vhost-user backend, `cache`,
-//! `serial`).
+//! `serial`, and `interface`: virtio-blk or a LUN of the virtio-scsi
+//! controller). Rules across drives (one backend for all virtio-scsi
+//! drives) are checked when the drive joins the VM's configuration.
 
 use crate::api::{parse_body, ApiError};
 use crate::config::DriveConfig;
@@ -86,5 +88,18 @@ mod tests {
             .unwrap_err()
             .message
             .contains("vmdk"));
+        let d = parse("d0", br#"{"socket":"/s","interface":"virtio-scsi"}"#).unwrap();
+        assert_eq!(d.interface, crate::config::DriveInterface::VirtioScsi);
+        assert!(parse("d0", br#"{"socket":"/s","interface":"ide"}"#)
+            .unwrap_err()
+            .message
+            .contains("ide"));
+        assert!(parse(
+            "d0",
+            br#"{"socket":"/s","interface":"virtio-scsi","is_root_device":true}"#
+        )
+        .unwrap_err()
+        .message
+        .contains("root device"));
     }
 }

@@ -159,6 +159,7 @@ impl VirtioPciDevice {
         let vectors = (num_queues + 1).min(256) as u16;
         let class = match device.device_type() {
             1 => 0x02_00_00, // network controller
+            8 => 0x01_00_00, // SCSI storage controller
             _ => 0x01_80_00, // mass storage, other
         };
         let mut cs = ConfigSpace::new_type0(

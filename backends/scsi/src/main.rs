@@ -1,0 +1,227 @@
+//! `tern-scsi`: a vhost-user virtio-scsi backend serving one controller
+//! with one LUN per `--lun` image to one frontend (the tern VMM).
+//!
+//! Exit status: 0 after the frontend disconnected (or SIGINT/SIGTERM), 1 on
+//! a runtime failure, 2 on a usage or startup error (one line on stderr).
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{debug, error, info, warn};
+use tern_backend_common::{init_logger, listen, ListenError, Signals};
+use tern_image::Format;
+use tern_scsi::backend::ScsiBackend;
+use tern_scsi::cdb::BLOCK_SIZE;
+use tern_scsi::config::{Args, LunSpec, ScsiConfig};
+use tern_scsi::lun::{Lun, Target, MAX_LUNS};
+use tern_scsi::metrics::{self, Metrics};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Errors that stop `tern-scsi` before it serves anything (exit status 2).
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    #[error("{0} LUNs given, at most {MAX_LUNS} supported")]
+    TooManyLuns(usize),
+    #[error("LUN {lun} ({path}): {source}")]
+    ImageMissing {
+        lun: usize,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("LUN {lun} ({path}): not a regular file or block device")]
+    ImageNotAFile { lun: usize, path: PathBuf },
+    #[error("LUN {lun} ({path}): cannot probe the format: {source}")]
+    Detect {
+        lun: usize,
+        path: PathBuf,
+        source: tern_image::ImageError,
+    },
+    #[error("LUN {lun} ({path}): cannot open as {format}: {source}")]
+    Open {
+        lun: usize,
+        path: PathBuf,
+        format: Format,
+        source: tern_image::ImageError,
+    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+}
+
+/// Errors while serving (exit status 1).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logger("tern-scsi", args.log_level);
+    let setup = match Setup::new(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tern-scsi: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = setup.metrics.clone();
+    let code = match setup.serve() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
+        }
+    };
+    info!("exiting; {metrics}");
+    code
+}
+
+/// Everything opened and checked before serving.
+struct Setup {
+    target: Arc<Target>,
+    config: ScsiConfig,
+    listener: Listener,
+    keep_listening: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Setup {
+    fn new(args: &Args) -> Result<Self, StartupError> {
+        if args.luns.len() > MAX_LUNS {
+            return Err(StartupError::TooManyLuns(args.luns.len()));
+        }
+        let metrics = Arc::new(Metrics::new());
+        let mut luns = Vec::with_capacity(args.luns.len());
+        for (i, spec) in args.luns.iter().enumerate() {
+            luns.push(Arc::new(open_lun(i, spec, metrics.clone())?));
+        }
+        let config = ScsiConfig::new(args.queues);
+
+        // Block the signals we handle before any thread exists, so every
+        // thread inherits the mask and only the signal thread receives them.
+        let signals = Signals::block().map_err(StartupError::Signals)?;
+        let listener = listen(&args.socket)?;
+        signals
+            .spawn_handler(args.socket.clone(), || {
+                metrics::global().map(|m| m.to_string())
+            })
+            .map_err(StartupError::Signals)?;
+        metrics::set_global(metrics.clone());
+        info!(
+            "serving {} LUN(s) on {} request queue(s) on {}",
+            luns.len(),
+            args.queues,
+            args.socket.display()
+        );
+        Ok(Setup {
+            target: Arc::new(Target::new(luns)),
+            config,
+            listener,
+            keep_listening: args.keep_listening,
+            metrics,
+        })
+    }
+
+    /// Serve frontend connections: one, or one after another with `--keep-listening`.
+    fn serve(mut self) -> Result<(), RunError> {
+        loop {
+            // A fresh device per connection: no vring state leaks into the next frontend.
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = Arc::new(ScsiBackend::new(
+                self.config,
+                self.target.clone(),
+                mem.clone(),
+                self.metrics.clone(),
+            ));
+            let mut daemon = VhostUserDaemon::new("tern-scsi".to_string(), backend.clone(), mem)
+                .map_err(RunError::Daemon)?;
+            daemon.start(&mut self.listener).map_err(RunError::Daemon)?;
+            debug!("connection accepted");
+            let result = daemon.wait();
+            // Dropping the daemon stops and joins the queue workers.
+            drop(daemon);
+            if !backend.was_contacted() {
+                debug!("connection closed before negotiating: a probe, still listening");
+                continue;
+            }
+            match result {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => info!("frontend disconnected"),
+                Err(e) => warn!("connection ended: {e}"),
+            }
+            if !self.keep_listening {
+                return Ok(());
+            }
+            info!("waiting for the next frontend; {}", self.metrics);
+        }
+    }
+}
+
+/// Check and open one LUN's image.
+fn open_lun(lun: usize, spec: &LunSpec, metrics: Arc<Metrics>) -> Result<Lun, StartupError> {
+    let path = &spec.path;
+    let meta = std::fs::metadata(path).map_err(|source| StartupError::ImageMissing {
+        lun,
+        path: path.clone(),
+        source,
+    })?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(StartupError::ImageNotAFile {
+            lun,
+            path: path.clone(),
+        });
+    }
+    let format = match spec.format {
+        Some(f) => f,
+        None => tern_image::detect(path).map_err(|source| StartupError::Detect {
+            lun,
+            path: path.clone(),
+            source,
+        })?,
+    };
+    let image = tern_image::open(path, format, spec.read_only, false).map_err(|source| {
+        StartupError::Open {
+            lun,
+            path: path.clone(),
+            format,
+            source,
+        }
+    })?;
+    let size = image.size();
+    if !size.is_multiple_of(u64::from(BLOCK_SIZE)) {
+        warn!(
+            "LUN {lun}: image size {size} is not a multiple of 512; the last {} bytes are not visible",
+            size % u64::from(BLOCK_SIZE)
+        );
+    }
+    // `lun < MAX_LUNS`, checked by the caller.
+    let number = u16::try_from(lun).unwrap_or(u16::MAX);
+    let serial = spec
+        .serial
+        .clone()
+        .unwrap_or_else(|| format!("tern-lun{lun}"));
+    info!(
+        "LUN {lun}: {} ({format}, {} blocks{})",
+        path.display(),
+        size / u64::from(BLOCK_SIZE),
+        if spec.read_only { ", read-only" } else { "" }
+    );
+    Ok(Lun::new(
+        number,
+        Arc::from(image),
+        spec.read_only,
+        serial,
+        metrics,
+    ))
+}
