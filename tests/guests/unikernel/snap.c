@@ -11,6 +11,7 @@
 #define PAGE 4096ull
 #define SLACK (2 * MIB) /* after the page-table pool: room for later tables */
 #define MAX_DIRTY_PAGES 65536
+#define MAX_DIRTY_SPAN (1u << 20) /* memdirtyspan: pages (4 GiB) */
 #define SB_A_OFF (1u * 1024 * 1024) /* the disk pattern */
 #define SB_A_LEN (8u * 1024)
 #define SB_B_OFF (2u * 1024 * 1024) /* beat n writes sector SB_B_OFF/512 + n % SB_SLOTS */
@@ -21,9 +22,10 @@ static struct {
 	int64_t pattern_mib;  /* 0: none, -1: all RAM above the start */
 	uint32_t check_every; /* beats between pattern checks, 0: never */
 	uint32_t dirty_pages;
+	uint32_t dirty_span; /* memdirtyspan: pages the dirty window rotates through; 0: dirty_pages */
 	uint32_t fill_beat; /* fill the pattern right before this beat; 0: before the first */
 	int blk, net;
-} so = { 0, 1, 0, 0, 0, 0 };
+} so = { 0, 1, 0, 0, 0, 0, 0 };
 static uint64_t pattern_start;
 static int pattern_filled;
 
@@ -33,6 +35,7 @@ static struct {
 static unsigned npr;
 static uint64_t pat_bytes, pat_sum;
 static volatile uint64_t *dirty_area;
+static uint32_t dirty_next; /* memdirtyspan: the first page of the next beat's window */
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
 
@@ -61,6 +64,11 @@ int snap_parse_key(const char *k, size_t kn, const char *v, size_t vn)
 			check_fail("bad memdirty= value");
 		else
 			so.dirty_pages = (uint32_t)m;
+	} else if (word_eq(k, kn, "memdirtyspan")) {
+		if (m < 0 || m > MAX_DIRTY_SPAN)
+			check_fail("bad memdirtyspan= value");
+		else
+			so.dirty_span = (uint32_t)m;
 	} else if (word_eq(k, kn, "snapblk") || word_eq(k, kn, "netserve")) {
 		if (m < 0 || m > 1)
 			check_fail("bad %s value", word_eq(k, kn, "snapblk") ? "snapblk=" : "netserve=");
@@ -243,15 +251,24 @@ void snap_setup(void)
 	if (so.pattern_mib != 0 || so.dirty_pages) {
 		uint64_t start = align_up(mem_map_all_ram(), 2 * MIB) + SLACK;
 		if (so.dirty_pages) {
-			if (memmap_is_ram(start, (uint64_t)so.dirty_pages * PAGE) != 1) {
-				check_fail("memdirty: no RAM at 0x%lx", start);
+			/* The window rotates through the span: a whole number of windows. */
+			if (so.dirty_span < so.dirty_pages)
+				so.dirty_span = so.dirty_pages;
+			so.dirty_span = (so.dirty_span + so.dirty_pages - 1) / so.dirty_pages * so.dirty_pages;
+			if (memmap_is_ram(start, (uint64_t)so.dirty_span * PAGE) != 1) {
+				check_fail("memdirty: no RAM at 0x%lx+0x%lx", start,
+					   (unsigned long)((uint64_t)so.dirty_span * PAGE));
 				so.dirty_pages = 0;
 			} else {
 				dirty_area = (volatile uint64_t *)(uintptr_t)start;
-				for (uint32_t i = 0; i < so.dirty_pages; i++)
+				for (uint32_t i = 0; i < so.dirty_span; i++)
 					dirty_area[i * (PAGE / 8)] = 0;
-				kprintf("MEMDIRTY pages=%u at=0x%lx\n", so.dirty_pages, start);
-				start = align_up(start + (uint64_t)so.dirty_pages * PAGE, 2 * MIB);
+				if (so.dirty_span == so.dirty_pages)
+					kprintf("MEMDIRTY pages=%u at=0x%lx\n", so.dirty_pages, start);
+				else
+					kprintf("MEMDIRTY pages=%u at=0x%lx span=%u\n", so.dirty_pages, start,
+						so.dirty_span);
+				start = align_up(start + (uint64_t)so.dirty_span * PAGE, 2 * MIB);
 			}
 		}
 		pattern_start = start;
@@ -270,12 +287,19 @@ void snap_beat(uint32_t n)
 	if (so.pattern_mib != 0 && !pattern_filled && n >= so.fill_beat)
 		pattern_fill(pattern_start);
 	if (so.dirty_pages) {
+		/* A page of this window was last written one turn of the span ago. */
+		uint32_t turn = so.dirty_span / so.dirty_pages;
+		uint64_t prev = n > turn ? (uint64_t)n - turn : 0;
+		volatile uint64_t *w = dirty_area + (uint64_t)dirty_next * (PAGE / 8);
 		for (uint32_t i = 0; i < so.dirty_pages; i++) {
-			volatile uint64_t *p = dirty_area + i * (PAGE / 8);
-			if (*p != (uint64_t)n - 1)
+			volatile uint64_t *p = w + (uint64_t)i * (PAGE / 8);
+			if (*p != prev)
 				dirty_ok = 0;
 			*p = n;
 		}
+		dirty_next += so.dirty_pages;
+		if (dirty_next >= so.dirty_span)
+			dirty_next = 0;
 	}
 	if (so.blk)
 		snapblk_beat(n);
