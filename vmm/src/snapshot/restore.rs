@@ -129,9 +129,18 @@ impl Vmm {
         let started = Instant::now();
         let state: SnapshotState = file::read_state(&src.state_path)?;
         let config = restored_config(&state, opts)?;
+        let t_state = started.elapsed();
         let ram = load_memory(&state, &config, &src.mem_path)?;
+        let t_mem = started.elapsed();
         let platform = Platform::build(config, ram, exit)?;
+        let t_build = started.elapsed();
         let vmm = platform.finish(&state, !opts.resume, started)?;
+        log::debug!(
+            "restore phases: state file {t_state:?}, memory {:?}, VM and devices {:?}, state put back {:?}",
+            t_mem - t_state,
+            t_build - t_mem,
+            started.elapsed() - t_build
+        );
         log::info!(
             "restored from {} in {:.2} ms ({})",
             src.state_path.display(),
