@@ -109,6 +109,9 @@ struct Pacer<'a> {
     rate: Option<f64>,
     started: Instant,
     sent: u64,
+    /// A copy of the run being sent: the guest may write the pages while
+    /// they go out, and the CRC must cover the very bytes sent.
+    buf: Vec<u8>,
 }
 
 impl Pacer<'_> {
@@ -118,7 +121,9 @@ impl Pacer<'_> {
         }
         for (i, chunk) in data.chunks(MAX_BATCH).enumerate() {
             let at = offset + (i * MAX_BATCH) as u64;
-            protocol::send(self.stream, &protocol::pages(at, chunk))?;
+            self.buf.clear();
+            self.buf.extend_from_slice(chunk);
+            protocol::send(self.stream, &protocol::pages(at, &self.buf))?;
             self.sent += chunk.len() as u64;
             if let Some(rate) = self.rate {
                 let due = Duration::from_secs_f64(self.sent as f64 / rate);
@@ -353,6 +358,7 @@ fn precopy(
                 rate,
                 started: Instant::now(),
                 sent: 0,
+                buf: Vec::new(),
             };
             let mut round = 0u32;
             let mut dirty: Option<Vec<Vec<u64>>> = None;
@@ -436,6 +442,7 @@ fn finish(
                 rate: None,
                 started: Instant::now(),
                 sent: 0,
+                buf: Vec::new(),
             };
             send_round(vmm, &mut pacer, Some(&dirty))?;
         }
