@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod heartbeat;
 pub mod netns;
 pub mod openapi;
 pub mod vm;
