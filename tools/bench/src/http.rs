@@ -50,6 +50,13 @@ pub struct Response {
 }
 
 impl Conn {
+    /// Read and write timeout (a 4 GiB snapshot to disk takes longer than
+    /// the default 10 s).
+    pub fn set_timeout(&self, d: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(d))?;
+        self.stream.set_write_timeout(Some(d))
+    }
+
     pub fn connect(path: &Path) -> std::io::Result<Conn> {
         let stream = UnixStream::connect(path)?;
         // A hung server becomes an error, not a hung benchmark.

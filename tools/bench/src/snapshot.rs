@@ -270,6 +270,8 @@ fn boot_source(
     let _ = std::fs::remove_file(&sock);
     let proc = Proc::spawn(&o.tern, &["--api-sock", sock.to_str().unwrap()], "source")?;
     let mut conn = connect(&sock, Duration::from_secs(10))?;
+    conn.set_timeout(Duration::from_secs(600))
+        .map_err(|e| e.to_string())?;
     call(
         &mut conn,
         "PUT",
@@ -384,6 +386,8 @@ fn restores(
         let _ = std::fs::remove_file(&sock);
         let mut p = Proc::spawn(&o.tern, &["--api-sock", sock.to_str().unwrap()], "r")?;
         let mut c = connect(&sock, Duration::from_secs(10))?;
+        c.set_timeout(Duration::from_secs(120))
+            .map_err(|e| e.to_string())?;
         let put = Instant::now();
         call(&mut c, "PUT", "/snapshot/load", &body)
             .map_err(|e| format!("restore {i}: {e} (tern: {})", p.stderr_tail()))?;
