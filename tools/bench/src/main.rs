@@ -4,6 +4,7 @@
 mod api;
 mod blk;
 mod http;
+mod migrate;
 mod net;
 mod report;
 mod run;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use run::{read_rss, Rss, Vm};
 
 const USAGE: &str = "\
-usage: tern-bench boot|api|blk|net|scsi|snapshot [options]   (tern-bench CMD --help for its options)
+usage: tern-bench boot|api|blk|net|scsi|snapshot|migrate [options]   (tern-bench CMD --help for its options)
 
        tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
                        [--linux] [--baseline-tern PATH]
@@ -82,6 +83,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
         Some("blk") => return blk::main(it),
         Some("net") => return net::main(it),
         Some("snapshot") => return snapshot::main(it),
+        Some("migrate") => return migrate::main(it),
         Some("scsi") => return scsi::main(it),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");

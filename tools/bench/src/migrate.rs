@@ -1,0 +1,616 @@
+//! `tern-bench migrate`: live migration of the test unikernel with all of
+//! its RAM holding data, idle or dirtying memory at a set rate, over a Unix
+//! socket, TCP on loopback and `local: true` (memfd passing): total time,
+//! downtime (tern's `downtime_ms` and the gap in the guest's 1 ms
+//! heartbeat), rounds, bytes sent, throughput. The VM moves from tern to
+//! tern in a chain (each destination is the next source), so its RAM is
+//! filled once per guest size and load. See tools/bench/README.md.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::http::{Conn, Request};
+use crate::{report, Stats};
+
+pub const USAGE: &str = "\
+usage: tern-bench migrate [--runs N] [--big-runs N] [--sizes MIB,...]
+                          [--transports unix,tcp,local] [--loads idle,dirty]
+                          [--dirty-pages N] [--downtime-limit MS]
+                          [--tern PATH] [--unikernel PATH] [--json PATH]
+
+For each guest size and load, a unikernel VM (1 vCPU, heartbeat every
+1 ms) fills all of its RAM with a pattern (mempattern=all), then migrates
+N times over each transport from one fresh tern to the next
+(keep_source, so the source's GET /migration can be read at the end).
+`dirty` adds memdirty=N new pages per beat (memdirtyspan: a window that
+moves through 128-256 MiB), about 100 MB/s at the guest's beat rate.
+
+  --runs N             migrations per size, load and transport (default 3)
+  --big-runs N         the same for guests of 4 GiB and more (default 1)
+  --sizes LIST         guest sizes in MiB (default 512,1024,4096)
+  --transports LIST    unix, tcp (127.0.0.1), local (default all three)
+  --loads LIST         idle, dirty (default both)
+  --dirty-pages N      pages per beat for `dirty` (default 50)
+  --downtime-limit MS  downtime_limit_ms of each migration (default 10)
+  --tern PATH          tern to measure (default: `tern` next to this program)
+  --unikernel PATH     test unikernel ELF (default: built with make)
+  --json PATH          also write every sample as JSON
+";
+
+pub struct Options {
+    runs: usize,
+    big_runs: usize,
+    sizes: Vec<u64>,
+    transports: Vec<String>,
+    loads: Vec<String>,
+    dirty_pages: u64,
+    downtime_limit: u64,
+    tern: PathBuf,
+    unikernel: Option<PathBuf>,
+    json: Option<PathBuf>,
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',').map(|s| s.trim().to_string()).collect()
+}
+
+fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+    let mut o = Options {
+        runs: 3,
+        big_runs: 1,
+        sizes: vec![512, 1024, 4096],
+        transports: list("unix,tcp,local"),
+        loads: list("idle,dirty"),
+        dirty_pages: 50,
+        downtime_limit: 10,
+        tern: crate::exe_dir()?.join("tern"),
+        unikernel: None,
+        json: None,
+    };
+    while let Some(arg) = it.next() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| format!("bad argument {a:?}"))?;
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .and_then(|v| v.into_string().ok())
+                    .ok_or_else(|| format!("option '{flag}' needs a value")),
+            }
+        };
+        let number = |v: String| -> Result<u64, String> {
+            v.parse()
+                .map_err(|_| format!("{flag}: '{v}' is not a number"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--runs" => o.runs = number(value()?)?.max(1) as usize,
+            "--big-runs" => o.big_runs = number(value()?)?.max(1) as usize,
+            "--dirty-pages" => o.dirty_pages = number(value()?)?.clamp(1, 65536),
+            "--downtime-limit" => o.downtime_limit = number(value()?)?,
+            "--sizes" => {
+                let v = value()?;
+                o.sizes = v
+                    .split(',')
+                    .map(|s| s.trim().parse::<u64>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| format!("--sizes: '{v}' is not a list of MiB"))?;
+            }
+            "--transports" => {
+                o.transports = list(&value()?);
+                if let Some(t) = o
+                    .transports
+                    .iter()
+                    .find(|t| !["unix", "tcp", "local"].contains(&t.as_str()))
+                {
+                    return Err(format!("--transports: unknown '{t}' (unix, tcp, local)"));
+                }
+            }
+            "--loads" => {
+                o.loads = list(&value()?);
+                if let Some(l) = o
+                    .loads
+                    .iter()
+                    .find(|l| !["idle", "dirty"].contains(&l.as_str()))
+                {
+                    return Err(format!("--loads: unknown '{l}' (idle, dirty)"));
+                }
+            }
+            "--tern" => o.tern = PathBuf::from(value()?),
+            "--unikernel" => o.unikernel = Some(PathBuf::from(value()?)),
+            "--json" => o.json = Some(PathBuf::from(value()?)),
+            _ => {
+                return Err(format!(
+                    "unknown option '{arg}' (see tern-bench migrate --help)"
+                ))
+            }
+        }
+    }
+    Ok(Some(o))
+}
+
+pub fn main(it: impl Iterator<Item = OsString>) -> Result<(), String> {
+    match parse(it)? {
+        Some(o) => run(&o),
+        None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+    }
+}
+
+/// A tern whose console lines arrive, timestamped, on a channel.
+struct Proc {
+    child: Child,
+    lines: Receiver<(String, Instant)>,
+    stderr: PathBuf,
+    sock: PathBuf,
+    conn: Conn,
+}
+
+impl Proc {
+    fn spawn(tern: &Path, sock: &Path) -> Result<Proc, String> {
+        let stderr = sock.with_extension("stderr");
+        let err = std::fs::File::create(&stderr).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(sock);
+        let mut child = Command::new(tern)
+            .arg("--api-sock")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", tern.display()))?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let at = Instant::now();
+                        let l = String::from_utf8_lossy(&buf).trim_end().to_string();
+                        let _ = tx.send((l, at));
+                    }
+                }
+            }
+        });
+        let start = Instant::now();
+        let conn = loop {
+            match Conn::connect(sock) {
+                Ok(c) => break c,
+                Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                    return Err(format!("{}: cannot connect: {e}", sock.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        };
+        conn.set_timeout(Duration::from_secs(120))
+            .map_err(|e| e.to_string())?;
+        Ok(Proc {
+            child,
+            lines: rx,
+            stderr,
+            sock: sock.to_path_buf(),
+            conn,
+        })
+    }
+
+    fn stderr_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let tail: Vec<&str> = s.lines().rev().take(3).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    fn put(&mut self, path: &str, body: &Value) -> Result<(), String> {
+        self.conn
+            .call(&Request::new("PUT", path, Some(&body.to_string()), 204))
+            .map(|_| ())
+            .map_err(|e| format!("{e} (tern: {})", self.stderr_tail()))
+    }
+
+    fn get(&mut self, path: &str) -> Result<Value, String> {
+        let r = self.conn.call(&Request::new("GET", path, None, 200))?;
+        serde_json::from_slice(&r.body).map_err(|e| format!("GET {path}: {e}"))
+    }
+
+    /// The first line starting with `prefix` within `limit`.
+    fn wait_line(&self, prefix: &str, limit: Duration) -> Result<(String, Instant), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((l, at)) if l.starts_with(prefix) => return Ok((l, at)),
+                Ok((l, _)) if l.starts_with("CHECK FAIL") || l.ends_with(" BAD") => {
+                    return Err(format!("guest: {l}"))
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(format!(
+                        "no `{prefix}` line within {limit:?} (tern: {})",
+                        self.stderr_tail()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The last heartbeat among the lines so far: (n, when it arrived).
+    fn last_beat(&self) -> Result<Option<(u64, Instant)>, String> {
+        let mut last = None;
+        while let Ok((l, at)) = self.lines.try_recv() {
+            if l.ends_with(" BAD") || l.starts_with("CHECK FAIL") {
+                return Err(format!("guest: {l}"));
+            }
+            if let Some(n) = beat_number(&l) {
+                last = Some((n, at));
+            }
+        }
+        Ok(last)
+    }
+
+    fn kill(&mut self) {
+        let pid = self.child.id();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("tern-{pid}")));
+        let _ = std::fs::remove_file(&self.stderr);
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn beat_number(l: &str) -> Option<u64> {
+    l.strip_prefix("HEARTBEAT ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cmdline(size: u64, load: &str, pages: u64) -> String {
+    let mut s = "action=heartbeat period=1 mempattern=all memcheck=0".to_string();
+    if load == "dirty" {
+        // A window moving through a quarter of RAM, at most 256 MiB.
+        let span = (size / 4).min(256) * 256;
+        write!(s, " memdirty={pages} memdirtyspan={span}").unwrap();
+    }
+    s
+}
+
+/// Boots the first source and waits for its pattern; returns it and the
+/// guest's beat interval (ms, median of 50).
+fn boot(o: &Options, uk: &Path, work: &Path, size: u64, load: &str) -> Result<(Proc, f64), String> {
+    let mut p = Proc::spawn(&o.tern, &work.join("vm-0.sock"))?;
+    p.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": size}),
+    )?;
+    p.put(
+        "/boot-source",
+        &json!({"kernel_image_path": uk, "boot_args": cmdline(size, load, o.dirty_pages)}),
+    )?;
+    let t0 = Instant::now();
+    p.put("/actions", &json!({"action_type": "InstanceStart"}))?;
+    // About 10 s per GiB on a software KVM.
+    let limit = Duration::from_secs(120 + size / 1024 * 60);
+    let (l, _) = p.wait_line("MEMPATTERN ", limit)?;
+    eprintln!(
+        "  {size} MiB {load}: filled in {:.1} s: {l}",
+        t0.elapsed().as_secs_f64()
+    );
+    let (_, mut last) = p.wait_line("HEARTBEAT ", Duration::from_secs(30))?;
+    let mut gaps = Vec::new();
+    for _ in 0..50 {
+        let (_, b) = p.wait_line("HEARTBEAT ", Duration::from_secs(30))?;
+        gaps.push((b - last).as_secs_f64() * 1e3);
+        last = b;
+    }
+    Ok((p, Stats::new(gaps).median()))
+}
+
+/// One migration's numbers.
+#[derive(Clone)]
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    /// From the source's last heartbeat line to the destination's first.
+    beat_gap_ms: f64,
+    rounds: u64,
+    bytes: u64,
+    /// bytes / total time, GB/s.
+    gbps: f64,
+    max_throttle: u64,
+}
+
+/// Moves the VM from `src` to a fresh tern; returns that tern.
+fn migrate(
+    o: &Options,
+    src: &mut Proc,
+    work: &Path,
+    seq: usize,
+    transport: &str,
+) -> Result<(Proc, Sample), String> {
+    let mut dst = Proc::spawn(&o.tern, &work.join(format!("vm-{seq}.sock")))?;
+    let url = match transport {
+        "tcp" => format!("tcp:127.0.0.1:{}", 17000 + seq % 1000),
+        _ => format!("unix:{}", work.join(format!("mig-{seq}.sock")).display()),
+    };
+    dst.put("/migration/receive", &json!({ "url": url }))?;
+    src.last_beat()?;
+    src.put(
+        "/migration/send",
+        &json!({
+            "url": url,
+            "downtime_limit_ms": o.downtime_limit,
+            "keep_source": true,
+            "local": transport == "local",
+        }),
+    )?;
+    let mut max_throttle = 0;
+    let start = Instant::now();
+    let m = loop {
+        let m = src.get("/migration")?;
+        max_throttle = max_throttle.max(m["throttle_percent"].as_u64().unwrap_or(0));
+        match m["status"].as_str() {
+            Some("completed") => break m,
+            Some("failed" | "cancelled") => {
+                return Err(format!(
+                    "migration {}: {} (destination: {})",
+                    m["status"],
+                    m["error"],
+                    dst.stderr_tail()
+                ))
+            }
+            _ => {}
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err(format!("migration did not finish in 600 s: {m}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (first, t_dst) = dst.wait_line("HEARTBEAT ", Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(20));
+    let (n_src, t_src) = src
+        .last_beat()?
+        .ok_or("no heartbeat from the source during the migration")?;
+    let n_dst = beat_number(&first).unwrap_or(0);
+    if n_dst <= n_src || n_dst > n_src + 2 {
+        return Err(format!(
+            "the counter did not continue: source's last beat {n_src}, destination's first {n_dst}"
+        ));
+    }
+    let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+    let total_ms = f("total_time_ms");
+    let bytes = m["bytes_sent"].as_u64().unwrap_or(0);
+    let s = Sample {
+        total_ms,
+        downtime_ms: f("downtime_ms"),
+        beat_gap_ms: t_dst.saturating_duration_since(t_src).as_secs_f64() * 1e3,
+        rounds: m["round"].as_u64().unwrap_or(0) + 1,
+        bytes,
+        gbps: bytes as f64 / (total_ms / 1e3) / 1e9,
+        max_throttle,
+    };
+    src.kill();
+    Ok((dst, s))
+}
+
+struct Row {
+    size: u64,
+    load: String,
+    dirty_mbps: f64,
+    transport: String,
+    samples: Vec<Sample>,
+}
+
+fn stat(r: &Row, f: impl Fn(&Sample) -> f64) -> Stats {
+    Stats::new(r.samples.iter().map(f).collect())
+}
+
+fn run(o: &Options) -> Result<(), String> {
+    let tern = crate::check_binary("tern", &o.tern)?;
+    let o = Options {
+        tern,
+        transports: o.transports.clone(),
+        loads: o.loads.clone(),
+        sizes: o.sizes.clone(),
+        unikernel: o.unikernel.clone(),
+        json: o.json.clone(),
+        ..*o
+    };
+    let uk = match &o.unikernel {
+        Some(p) => p.clone(),
+        None => crate::build_unikernel()?,
+    };
+    let machine = report::Machine::probe();
+    let work = std::env::temp_dir().join(format!("tern-bench-mig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut seq = 1;
+    let result = (|| -> Result<(), String> {
+        for &size in &o.sizes {
+            for load in &o.loads {
+                let (mut cur, beat_ms) = boot(&o, &uk, &work, size, load)?;
+                let dirty_mbps = if load == "dirty" {
+                    (o.dirty_pages * 4096) as f64 / beat_ms / 1e3
+                } else {
+                    0.0
+                };
+                eprintln!(
+                    "  beat every {beat_ms:.2} ms{}",
+                    if load == "dirty" {
+                        format!(": dirtying {dirty_mbps:.0} MB/s")
+                    } else {
+                        String::new()
+                    }
+                );
+                let runs = if size >= 4096 { o.big_runs } else { o.runs };
+                for t in &o.transports {
+                    let mut samples = Vec::new();
+                    for _ in 0..runs {
+                        let (next, s) = migrate(&o, &mut cur, &work, seq, t)?;
+                        seq += 1;
+                        eprintln!(
+                            "    {t}: total {:.1} ms, downtime {:.2} ms, beat gap {:.2} ms, {} rounds, {} MiB, {:.2} GB/s{}",
+                            s.total_ms,
+                            s.downtime_ms,
+                            s.beat_gap_ms,
+                            s.rounds,
+                            s.bytes >> 20,
+                            s.gbps,
+                            if s.max_throttle > 0 {
+                                format!(", throttle {}%", s.max_throttle)
+                            } else {
+                                String::new()
+                            }
+                        );
+                        samples.push(s);
+                        cur = next;
+                    }
+                    rows.push(Row {
+                        size,
+                        load: load.clone(),
+                        dirty_mbps,
+                        transport: t.clone(),
+                        samples,
+                    });
+                }
+                drop(cur);
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    print!("{}", table(&machine, &rows));
+    if let Some(path) = &o.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&to_json(&machine, &rows)).unwrap(),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn table(machine: &report::Machine, rows: &[Row]) -> String {
+    let mut s = String::new();
+    writeln!(s, "tern-bench migrate — {}", machine.summary()).unwrap();
+    writeln!(
+        s,
+        "medians (min-max); RAM all data (mempattern=all); 1 ms heartbeat; keep_source"
+    )
+    .unwrap();
+    writeln!(
+        s,
+        "{:>6} {:>12} {:>6} {:>4} {:>22} {:>20} {:>20} {:>6} {:>9} {:>7}",
+        "MiB",
+        "load",
+        "via",
+        "runs",
+        "total ms",
+        "downtime ms",
+        "beat gap ms",
+        "rounds",
+        "MiB sent",
+        "GB/s"
+    )
+    .unwrap();
+    for r in rows {
+        let cell = |st: Stats, prec: usize| {
+            format!(
+                "{:.p$} ({:.p$}-{:.p$})",
+                st.median(),
+                st.min(),
+                st.max(),
+                p = prec
+            )
+        };
+        let load = if r.load == "dirty" {
+            format!("dirty {:.0}MB/s", r.dirty_mbps)
+        } else {
+            "idle".into()
+        };
+        writeln!(
+            s,
+            "{:>6} {:>12} {:>6} {:>4} {:>22} {:>20} {:>20} {:>6} {:>9} {:>7.2}",
+            r.size,
+            load,
+            r.transport,
+            r.samples.len(),
+            cell(stat(r, |x| x.total_ms), 1),
+            cell(stat(r, |x| x.downtime_ms), 2),
+            cell(stat(r, |x| x.beat_gap_ms), 2),
+            stat(r, |x| x.rounds as f64).median(),
+            stat(r, |x| (x.bytes >> 20) as f64).median(),
+            stat(r, |x| x.gbps).median(),
+        )
+        .unwrap();
+    }
+    writeln!(s, "targets: 512 MiB copied in < 700 ms with < 15 ms downtime; local < 3 ms downtime; >= 2 GB/s of pages on loopback").unwrap();
+    for r in rows.iter().filter(|r| r.size == 512) {
+        let total = stat(r, |x| x.total_ms).median();
+        let down = stat(r, |x| x.downtime_ms).median();
+        let gbps = stat(r, |x| x.gbps).median();
+        let verdict = |ok: bool| if ok { "ok" } else { "MISS" };
+        let line = match r.transport.as_str() {
+            "local" => format!("downtime {down:.2} ms < 3: {}", verdict(down < 3.0)),
+            t => format!(
+                "total {total:.0} ms < 700: {}, downtime {down:.2} ms < 15: {}{}",
+                verdict(total < 700.0),
+                verdict(down < 15.0),
+                if t == "tcp" {
+                    format!(", {gbps:.2} GB/s >= 2: {}", verdict(gbps >= 2.0))
+                } else {
+                    String::new()
+                }
+            ),
+        };
+        writeln!(s, "  512 MiB {} {}: {line}", r.load, r.transport).unwrap();
+    }
+    s
+}
+
+fn to_json(machine: &report::Machine, rows: &[Row]) -> Value {
+    json!({
+        "machine": machine.json(),
+        "rows": rows.iter().map(|r| json!({
+            "size_mib": r.size,
+            "load": r.load,
+            "dirty_mbps": r.dirty_mbps,
+            "transport": r.transport,
+            "samples": r.samples.iter().map(|s| json!({
+                "total_ms": s.total_ms,
+                "downtime_ms": s.downtime_ms,
+                "beat_gap_ms": s.beat_gap_ms,
+                "rounds": s.rounds,
+                "bytes_sent": s.bytes,
+                "gb_per_s": s.gbps,
+                "max_throttle_percent": s.max_throttle,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
