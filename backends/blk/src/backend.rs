@@ -64,6 +64,8 @@ struct AioQueue {
     vring: Option<Vring>,
     /// Chains were left in the avail ring for lack of ring slots.
     throttled: bool,
+    /// Driver notifications are suppressed (requests in flight).
+    notify_off: bool,
 }
 
 impl BlkBackend {
@@ -202,37 +204,52 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
-    /// A kick on an io_uring queue: start every available request.
+    /// A kick on an io_uring queue (or room again after throttling): start
+    /// every available request.
     fn kick_async(&self, vring: &Vring, q: &mut AioQueue) {
-        if self.event_idx.load(Ordering::Relaxed) {
-            loop {
+        self.serve_async(vring, q);
+    }
+
+    /// Serve the available ring. While requests are in flight the driver's
+    /// notifications (kicks) stay off: the worker looks at the avail ring
+    /// again at each completion anyway, so kicks would only cost the driver
+    /// a syscall and this thread a wakeup. With nothing left in flight they
+    /// are turned back on, re-checking the ring so that a chain added
+    /// meanwhile is not missed.
+    fn serve_async(&self, vring: &Vring, q: &mut AioQueue) {
+        loop {
+            if !q.notify_off {
                 if let Err(e) = vring.disable_notification() {
                     debug!("cannot disable notifications: {e}");
                     Metrics::add(&self.metrics.queue_errors, 1);
                 }
-                self.process_queue_async(vring, q);
-                if q.throttled {
-                    // Resumed by a completion; no need for kicks meanwhile.
-                    break;
-                }
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        debug!("cannot enable notifications: {e}");
-                        Metrics::add(&self.metrics.queue_errors, 1);
-                        break;
-                    }
+                q.notify_off = true;
+            }
+            self.process_queue_async(vring, q);
+            if q.throttled {
+                // Resumed by a completion; no need for kicks meanwhile.
+                return;
+            }
+            if q.aio.as_ref().is_some_and(|a| a.in_flight() > 0) {
+                // The next completion looks at the ring again.
+                return;
+            }
+            q.notify_off = false;
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    debug!("cannot enable notifications: {e}");
+                    Metrics::add(&self.metrics.queue_errors, 1);
+                    return;
                 }
             }
-        } else {
-            self.process_queue_async(vring, q);
         }
     }
 
     /// Pop the available chains (as many as the ring has room for), submit
-    /// reads/writes/flushes to the ring, run the rest synchronously, and
-    /// complete whatever has finished.
+    /// reads/writes/flushes to the ring (one `io_uring_enter` for the
+    /// batch), run the rest synchronously, and complete whatever has finished.
     fn process_queue_async(&self, vring: &Vring, q: &mut AioQueue) {
         let Some(aio) = q.aio.as_mut() else { return };
         let mem: MemSnapshot = self.mem.memory().into_inner();
@@ -267,21 +284,27 @@ impl BlkBackend {
                         continue;
                     }
                 };
-                let queued = match req.kind {
-                    RequestType::In => aio.submit_rw(&mem, head, &req, false),
-                    RequestType::Out if !self.read_only => aio.submit_rw(&mem, head, &req, true),
-                    RequestType::Flush => aio.submit_flush(&mem, head, &req),
+                let kind = req.kind;
+                let queued = match kind {
+                    RequestType::In => aio.submit_rw(&mem, head, req, false),
+                    RequestType::Out if !self.read_only => aio.submit_rw(&mem, head, req, true),
+                    RequestType::Flush => {
+                        if aio.submit_flush(&mem, head, &req) {
+                            Ok(())
+                        } else {
+                            Err(req)
+                        }
+                    }
                     RequestType::Discard | RequestType::WriteZeroes => {
                         // Run after everything submitted before has finished.
                         aio.wait_all(&mut finished);
-                        false
+                        Err(req)
                     }
-                    _ => false,
+                    _ => Err(req),
                 };
-                if queued {
-                    self.metrics.count_request(req.kind);
-                } else {
-                    done.push((head, self.executor.execute_and_finish(&*mem, &req)));
+                match queued {
+                    Ok(()) => self.metrics.count_request(kind),
+                    Err(req) => done.push((head, self.executor.execute_and_finish(&*mem, &req))),
                 }
             }
             aio.submit();
@@ -290,7 +313,8 @@ impl BlkBackend {
         }
     }
 
-    /// io_uring completions arrived for worker `thread`.
+    /// io_uring completions arrived for worker `thread`: complete them,
+    /// then serve whatever the driver added meanwhile.
     fn handle_completions(&self, thread: usize) {
         let Some(q) = self.aio.get(thread) else {
             return;
@@ -306,9 +330,11 @@ impl BlkBackend {
         if !finished.is_empty() {
             self.complete(&vring, finished, Vec::new(), false);
         }
-        if q.throttled && aio.room() > 0 {
+        if aio.room() > 0 {
             q.throttled = false;
-            self.kick_async(&vring, q);
+        }
+        if !q.throttled && vring.get_ref().get_queue().ready() {
+            self.serve_async(&vring, q);
         }
     }
 
@@ -448,8 +474,13 @@ impl VhostUserBackend for BlkBackend {
                 let mut finished = Vec::new();
                 aio.wait_all(&mut finished);
                 self.complete(&vring, finished, Vec::new(), true);
+                if q.notify_off {
+                    // Leave the ring asking for kicks, as a fresh queue does.
+                    let _ = vring.enable_notification();
+                }
             }
             q.throttled = false;
+            q.notify_off = false;
         }
         Ok(())
     }

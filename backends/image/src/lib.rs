@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+pub mod aio;
 mod error;
 mod file;
 pub mod qcow2;

@@ -21,7 +21,7 @@ use crate::report::Machine;
 pub const USAGE: &str = "\
 usage: tern-bench blk [--seconds N] [--tern-blk PATH] [--file PATH] [--json PATH]
                       [--baseline-tern-blk PATH] [--no-buffered] [--no-event-idx]
-                      [--size-mib N]
+                      [--size-mib N] [--runs N] [--case KEY]...
 
 Drives tern-blk's data path directly as a vhost-user frontend (memfd guest
 memory, split virtqueues, QD requests in flight per queue, one driver thread
@@ -47,6 +47,13 @@ Each measurement uses a fresh `tern-blk --direct`; with buffered runs on
                               interleaved) and print ours / baseline
   --no-buffered               skip the runs without --direct
   --no-event-idx              do not negotiate VIRTIO_RING_F_EVENT_IDX
+  --runs N                    interleaved runs of every case (default 1); the
+                              table gives per-metric medians, and the per-run
+                              tern-blk / fio ratios follow it
+  --case KEY                  only this case (repeatable): randread_4k_qd32_1q,
+                              randread_4k_qd32_4q, randwrite_4k_qd32_1q,
+                              randwrite_4k_qd32_4q, seqread_1m_qd8_1q,
+                              seqwrite_1m_qd8_1q
 ";
 
 /// Targets from the issue, as fractions of host fio.
@@ -68,6 +75,8 @@ pub struct Options {
     baseline: Option<PathBuf>,
     buffered: bool,
     event_idx: bool,
+    runs: usize,
+    cases: Vec<String>,
 }
 
 /// `tern-bench blk ARGS...`.
@@ -91,6 +100,8 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
         baseline: None,
         buffered: true,
         event_idx: true,
+        runs: 1,
+        cases: Vec::new(),
     };
     let mut tern_blk = None;
     while let Some(arg) = it.next() {
@@ -129,6 +140,14 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
             "--baseline-tern-blk" => o.baseline = Some(PathBuf::from(value()?)),
             "--no-buffered" => o.buffered = false,
             "--no-event-idx" => o.event_idx = false,
+            "--runs" => o.runs = number(value()?, 1)? as usize,
+            "--case" => {
+                let k = value()?.to_string_lossy().into_owned();
+                if !CASES.iter().any(|c| c.key == k) {
+                    return Err(format!("--case: unknown case '{k}' (see --help)"));
+                }
+                o.cases.push(k);
+            }
             _ => {
                 return Err(format!(
                     "unknown option '{arg}' (see tern-bench blk --help)"
@@ -235,6 +254,33 @@ pub(crate) struct Res {
     /// Driver-side counters (tern-blk runs only).
     pub(crate) kicks: u64,
     pub(crate) calls: u64,
+    /// CPU time (user + system) per I/O: the backend process, and the
+    /// driver threads (for fio: the fio job, and 0).
+    pub(crate) backend_cpu_us: f64,
+    pub(crate) driver_cpu_us: f64,
+}
+
+/// CPU time (user + system) of process `pid` so far, in microseconds.
+pub(crate) fn process_cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks * 1e6 / hz)
+}
+
+/// CPU time (user + system) of the calling thread so far, in microseconds.
+pub(crate) fn thread_cpu_us() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
 }
 
 impl Res {
@@ -248,6 +294,8 @@ impl Res {
             "seconds": self.seconds,
             "kicks": self.kicks,
             "calls": self.calls,
+            "backend_cpu_us_per_io": self.backend_cpu_us,
+            "driver_cpu_us_per_io": self.driver_cpu_us,
         })
     }
 }
@@ -391,6 +439,8 @@ pub(crate) fn drive(
     let barrier = Barrier::new(case.queues);
     let dur = Duration::from_secs(seconds);
     let kind = if case.write { blk::T_OUT } else { blk::T_IN };
+    let pid = backend.child.id();
+    let cpu0 = process_cpu_us(pid);
     let mem = &fe.mem;
     let outs: Vec<Result<Worker, String>> = std::thread::scope(|sc| {
         let handles: Vec<_> = vqs
@@ -413,19 +463,12 @@ pub(crate) fn drive(
             })
             .collect()
     });
+    let cpu1 = process_cpu_us(pid);
     drop(fe);
     let status = backend.try_wait_for(Duration::from_secs(5));
-    let mut lat = Vec::new();
-    let mut res = Res {
-        seconds: dur.as_secs_f64(),
-        ..Res::default()
-    };
-    for o in outs {
-        let w = o?;
-        res.ios += w.ios;
-        res.kicks += w.kicks;
-        res.calls += w.calls;
-        lat.extend_from_slice(&w.lat_ns);
+    let mut res = summarize(outs, dur)?;
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        res.backend_cpu_us = (b - a) / res.ios.max(1) as f64;
     }
     match status {
         Some(st) if st.success() => {}
@@ -437,15 +480,35 @@ pub(crate) fn drive(
             ))
         }
     }
+    res.mbps = res.iops * f64::from(case.bs) / 1e6;
+    Ok(res)
+}
+
+/// Sum the driver threads' results (IOPS, latency percentiles, driver CPU per I/O).
+pub(crate) fn summarize(outs: Vec<Result<Worker, String>>, dur: Duration) -> Result<Res, String> {
+    let mut lat = Vec::new();
+    let mut res = Res {
+        seconds: dur.as_secs_f64(),
+        ..Res::default()
+    };
+    let mut cpu = 0.0;
+    for o in outs {
+        let w = o?;
+        res.ios += w.ios;
+        res.kicks += w.kicks;
+        res.calls += w.calls;
+        cpu += w.cpu_us;
+        lat.extend_from_slice(&w.lat_ns);
+    }
     if res.ios == 0 {
         return Err("no request completed".into());
     }
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
     res.iops = res.ios as f64 / res.seconds;
-    res.mbps = res.iops * f64::from(case.bs) / 1e6;
     res.lat_p50_us = pct(0.50);
     res.lat_p99_us = pct(0.99);
+    res.driver_cpu_us = cpu / res.ios as f64;
     Ok(res)
 }
 
@@ -462,6 +525,8 @@ pub(crate) struct Worker {
     pub(crate) lat_ns: Vec<u32>,
     pub(crate) kicks: u64,
     pub(crate) calls: u64,
+    /// CPU time of the driver thread while measuring.
+    pub(crate) cpu_us: f64,
 }
 
 /// One queue's loop: keep `case.qd` requests in flight until the deadline,
@@ -519,6 +584,7 @@ fn run_queue(
     let mut lat = Vec::with_capacity(1 << 20);
     let mut ios = 0u64;
     barrier.wait();
+    let cpu0 = thread_cpu_us();
     let start = Instant::now();
     let end = start + dur;
     for s in 0..n {
@@ -564,6 +630,7 @@ fn run_queue(
         lat_ns: lat,
         kicks: qd.kicks(),
         calls: qd.calls(),
+        cpu_us: thread_cpu_us() - cpu0,
     })
 }
 
@@ -654,6 +721,12 @@ pub(crate) fn fio_with(
             / 1000.0
     };
     let iops = d["iops"].as_f64().ok_or("fio JSON: no iops")?;
+    let cpu_pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+    let runtime_s = job["job_runtime"]
+        .as_f64()
+        .unwrap_or(seconds as f64 * 1000.0)
+        / 1000.0;
+    let total = d["total_ios"].as_u64().unwrap_or(0).max(1) as f64;
     let bw = d["bw_bytes"].as_f64().ok_or("fio JSON: no bw_bytes")?;
     Ok(Res {
         iops,
@@ -662,8 +735,58 @@ pub(crate) fn fio_with(
         lat_p99_us: pct("99.000000"),
         ios: d["total_ios"].as_u64().unwrap_or(0),
         seconds: seconds as f64,
+        backend_cpu_us: cpu_pct / 100.0 * runtime_s * 1e6 / total,
         ..Res::default()
     })
+}
+
+/// Every run's results of one case.
+#[derive(Default)]
+struct Samples {
+    tern: Vec<Res>,
+    fio: Vec<Res>,
+    buffered: Vec<Res>,
+    baseline: Vec<Res>,
+}
+
+/// Per-field medians of `v` (None if empty).
+fn median_res(v: &[Res]) -> Option<Res> {
+    if v.is_empty() {
+        return None;
+    }
+    let med = |f: fn(&Res) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        x[x.len() / 2]
+    };
+    Some(Res {
+        iops: med(|r| r.iops),
+        mbps: med(|r| r.mbps),
+        lat_p50_us: med(|r| r.lat_p50_us),
+        lat_p99_us: med(|r| r.lat_p99_us),
+        ios: med(|r| r.ios as f64) as u64,
+        seconds: med(|r| r.seconds),
+        kicks: med(|r| r.kicks as f64) as u64,
+        calls: med(|r| r.calls as f64) as u64,
+        backend_cpu_us: med(|r| r.backend_cpu_us),
+        driver_cpu_us: med(|r| r.driver_cpu_us),
+    })
+}
+
+/// The tern-blk / fio ratio of each run, per case (IOPS for random cases, MB/s otherwise).
+fn per_run(cases: &[&Case], samples: &[Samples]) -> String {
+    let mut s = String::from("per-run tern-blk / fio:\n");
+    for (case, smp) in cases.iter().zip(samples) {
+        let m = if case.random { "iops" } else { "mbps" };
+        let ratios: Vec<String> = smp
+            .tern
+            .iter()
+            .zip(&smp.fio)
+            .map(|(t, f)| format!("{:.2}", metric(t, m) / metric(f, m)))
+            .collect();
+        let _ = writeln!(s, "  {:<24} {m:<5} {}", case.name, ratios.join(" "));
+    }
+    s
 }
 
 struct Row {
@@ -730,58 +853,64 @@ pub fn run(o: &Options) -> Result<(), String> {
     eprintln!("tern-bench blk: {}", machine.summary());
     let mut engine = "io_uring".to_string();
     let mut engine_note = None;
-    let mut rows = Vec::new();
-    for (i, case) in CASES.iter().enumerate() {
-        eprintln!(
-            "tern-bench blk: [{}/{}] {} ({} s each)",
-            i + 1,
-            CASES.len(),
-            case.name,
-            o.seconds
-        );
-        let tern = drive(&tern_blk, &file, true, case, o.seconds, o.event_idx)
-            .map_err(|e| format!("{}: tern-blk --direct: {e}", case.name))?;
-        eprintln!("  tern-blk --direct  {}", brief(&tern));
-        let base = match &baseline {
-            Some(b) => {
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| o.cases.is_empty() || o.cases.iter().any(|k| k == c.key))
+        .collect();
+    let mut samples: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
+    for run in 0..o.runs {
+        for (i, (case, smp)) in cases.iter().zip(samples.iter_mut()).enumerate() {
+            eprintln!(
+                "tern-bench blk: run {}/{} [{}/{}] {} ({} s each)",
+                run + 1,
+                o.runs,
+                i + 1,
+                cases.len(),
+                case.name,
+                o.seconds
+            );
+            let tern = drive(&tern_blk, &file, true, case, o.seconds, o.event_idx)
+                .map_err(|e| format!("{}: tern-blk --direct: {e}", case.name))?;
+            eprintln!("  tern-blk --direct  {}", brief(&tern));
+            smp.tern.push(tern);
+            if let Some(b) = &baseline {
                 let r = drive(b, &file, true, case, o.seconds, o.event_idx)
                     .map_err(|e| format!("{}: baseline tern-blk: {e}", case.name))?;
                 eprintln!("  baseline --direct  {}", brief(&r));
-                Some(r)
+                smp.baseline.push(r);
             }
-            None => None,
-        };
-        let fio_res = if fio_version.is_some() {
-            let mut r = fio(&engine, &file, case, o.seconds);
-            if r.is_err() && engine == "io_uring" {
-                let why = r.as_ref().err().cloned().unwrap_or_default();
-                eprintln!("  {why}; retrying with libaio");
-                engine = "libaio".into();
-                engine_note = Some(why);
-                r = fio(&engine, &file, case, o.seconds);
+            if fio_version.is_some() {
+                let mut r = fio(&engine, &file, case, o.seconds);
+                if r.is_err() && engine == "io_uring" {
+                    let why = r.as_ref().err().cloned().unwrap_or_default();
+                    eprintln!("  {why}; retrying with libaio");
+                    engine = "libaio".into();
+                    engine_note = Some(why);
+                    r = fio(&engine, &file, case, o.seconds);
+                }
+                let r = r.map_err(|e| format!("{}: {e}", case.name))?;
+                eprintln!("  fio ({engine:8})    {}", brief(&r));
+                smp.fio.push(r);
             }
-            let r = r.map_err(|e| format!("{}: {e}", case.name))?;
-            eprintln!("  fio ({engine:8})    {}", brief(&r));
-            Some(r)
-        } else {
-            None
-        };
-        let buffered = if o.buffered {
-            let r = drive(&tern_blk, &file, false, case, o.seconds, o.event_idx)
-                .map_err(|e| format!("{}: tern-blk (buffered): {e}", case.name))?;
-            eprintln!("  tern-blk buffered  {}", brief(&r));
-            Some(r)
-        } else {
-            None
-        };
-        rows.push(Row {
-            case: *case,
-            tern,
-            fio: fio_res,
-            buffered,
-            baseline: base,
-        });
+            if o.buffered {
+                let r = drive(&tern_blk, &file, false, case, o.seconds, o.event_idx)
+                    .map_err(|e| format!("{}: tern-blk (buffered): {e}", case.name))?;
+                eprintln!("  tern-blk buffered  {}", brief(&r));
+                smp.buffered.push(r);
+            }
+        }
     }
+    let rows: Vec<Row> = cases
+        .iter()
+        .zip(samples.iter())
+        .map(|(case, smp)| Row {
+            case: **case,
+            tern: median_res(&smp.tern).unwrap_or_default(),
+            fio: median_res(&smp.fio),
+            buffered: median_res(&smp.buffered),
+            baseline: median_res(&smp.baseline),
+        })
+        .collect();
     println!(
         "tern-blk data path vs host fio ({} s per measurement, file {} MiB at {}, EVENT_IDX {}, fio {} engine {})",
         o.seconds,
@@ -792,6 +921,9 @@ pub fn run(o: &Options) -> Result<(), String> {
         engine
     );
     print!("{}", table(&rows));
+    if o.runs > 1 {
+        print!("{}", per_run(&cases, &samples));
+    }
     if let Some(path) = &o.json {
         let v = json!({
             "benchmark": "tern-bench blk",
@@ -807,8 +939,17 @@ pub fn run(o: &Options) -> Result<(), String> {
             "fio_engine": engine,
             "fio_engine_fallback_reason": engine_note,
             "targets": {"randread_iops_vs_fio": TARGET_RANDREAD_IOPS, "seq_mbps_vs_fio": TARGET_SEQ_MBPS},
+            "runs": o.runs,
             "machine": machine.json(),
-            "cases": rows.iter().map(row_json).collect::<Vec<_>>(),
+            "cases": rows.iter().zip(samples.iter()).map(|(r, smp)| {
+                let mut v = row_json(r);
+                let all = |v: &[Res]| v.iter().map(Res::json).collect::<Vec<Value>>();
+                v["samples"] = json!({
+                    "tern_blk_direct": all(&smp.tern), "fio": all(&smp.fio),
+                    "tern_blk_buffered": all(&smp.buffered), "baseline_direct": all(&smp.baseline),
+                });
+                v
+            }).collect::<Vec<_>>(),
         });
         let text = serde_json::to_string_pretty(&v).map_err(|e| format!("JSON: {e}"))?;
         std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
@@ -817,10 +958,17 @@ pub fn run(o: &Options) -> Result<(), String> {
     Ok(())
 }
 
-fn brief(r: &Res) -> String {
+pub(crate) fn brief(r: &Res) -> String {
     format!(
-        "{:>9.0} IOPS {:>8.1} MB/s  p50 {:>8.1} us  p99 {:>8.1} us",
-        r.iops, r.mbps, r.lat_p50_us, r.lat_p99_us
+        "{:>9.0} IOPS {:>8.1} MB/s  p50 {:>8.1} us  p99 {:>8.1} us  cpu/io {:>4.1}+{:<4.1} us  io/kick {:>5.1} io/call {:>5.1}",
+        r.iops,
+        r.mbps,
+        r.lat_p50_us,
+        r.lat_p99_us,
+        r.backend_cpu_us,
+        r.driver_cpu_us,
+        r.ios as f64 / r.kicks.max(1) as f64,
+        r.ios as f64 / r.calls.max(1) as f64,
     )
 }
 

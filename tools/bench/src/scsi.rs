@@ -213,6 +213,8 @@ fn drive_scsi(
     let barrier = Barrier::new(case.queues);
     let dur = Duration::from_secs(seconds);
     let disk = file.size;
+    let pid = backend.child.id();
+    let cpu0 = blk::process_cpu_us(pid);
     let mem = &fe.mem;
     let outs: Vec<Result<Worker, String>> = std::thread::scope(|sc| {
         let handles: Vec<_> = vqs[REQUEST_QUEUE..]
@@ -235,19 +237,12 @@ fn drive_scsi(
             })
             .collect()
     });
+    let cpu1 = blk::process_cpu_us(pid);
     drop(fe);
     let status = backend.try_wait_for(Duration::from_secs(5));
-    let mut lat = Vec::new();
-    let mut res = Res {
-        seconds: dur.as_secs_f64(),
-        ..Res::default()
-    };
-    for o in outs {
-        let w = o?;
-        res.ios += w.ios;
-        res.kicks += w.kicks;
-        res.calls += w.calls;
-        lat.extend_from_slice(&w.lat_ns);
+    let mut res = blk::summarize(outs, dur)?;
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        res.backend_cpu_us = (b - a) / res.ios.max(1) as f64;
     }
     match status {
         Some(st) if st.success() => {}
@@ -259,15 +254,7 @@ fn drive_scsi(
             ))
         }
     }
-    if res.ios == 0 {
-        return Err("no request completed".into());
-    }
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
-    res.iops = res.ios as f64 / res.seconds;
     res.mbps = res.iops * f64::from(case.bs) / 1e6;
-    res.lat_p50_us = pct(0.50);
-    res.lat_p99_us = pct(0.99);
     Ok(res)
 }
 
@@ -327,6 +314,7 @@ fn run_queue(
     let mut lat = Vec::with_capacity(1 << 20);
     let mut ios = 0u64;
     barrier.wait();
+    let cpu0 = blk::thread_cpu_us();
     let start = Instant::now();
     let end = start + dur;
     for s in 0..n {
@@ -380,6 +368,7 @@ fn run_queue(
         lat_ns: lat,
         kicks: qd.kicks(),
         calls: qd.calls(),
+        cpu_us: blk::thread_cpu_us() - cpu0,
     })
 }
 
@@ -412,13 +401,6 @@ fn check_binary(what: &str, p: &Path) -> Result<(), String> {
             p.display()
         ))
     }
-}
-
-fn brief(r: &Res) -> String {
-    format!(
-        "{:>9.0} IOPS {:>8.1} MB/s  p50 {:>8.1} us  p99 {:>8.1} us",
-        r.iops, r.mbps, r.lat_p50_us, r.lat_p99_us
-    )
 }
 
 /// Read the whole file once so every contender starts from a warm page cache.
@@ -488,11 +470,11 @@ pub fn run(o: &Options) -> Result<(), String> {
             );
             let b = blk::drive(&o.tern_blk, &file, false, case, o.seconds, o.event_idx)
                 .map_err(|e| format!("{}: tern-blk: {e}", case.name))?;
-            eprintln!("  tern-blk   {}", brief(&b));
+            eprintln!("  tern-blk   {}", blk::brief(&b));
             s.blk.push(b);
             let r = drive_scsi(&o.tern_scsi, &file, case, o.seconds, o.event_idx)
                 .map_err(|e| format!("{}: tern-scsi: {e}", case.name))?;
-            eprintln!("  tern-scsi  {}", brief(&r));
+            eprintln!("  tern-scsi  {}", blk::brief(&r));
             s.scsi.push(r);
             if fio_version.is_some() {
                 let mut r = blk::fio_with(&engine, &file, case, o.seconds, false);
@@ -501,7 +483,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                     r = blk::fio_with(&engine, &file, case, o.seconds, false);
                 }
                 let r = r.map_err(|e| format!("{}: {e}", case.name))?;
-                eprintln!("  fio        {}", brief(&r));
+                eprintln!("  fio        {}", blk::brief(&r));
                 s.fio.push(r);
             }
         }
