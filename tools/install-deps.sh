@@ -5,8 +5,9 @@ set -euo pipefail
 
 # gcc, make, binutils: the test unikernel. curl: the API tests use a client
 # tern did not write. socat, python3 with venv: the schemathesis API fuzz.
+# iasl: a unit test decompiles the DSDT's hot plug AML.
 need=()
-for tool in gcc make ld objdump gunzip curl socat python3 qemu-img ip ping; do
+for tool in gcc make ld objdump gunzip curl socat python3 qemu-img ip ping iasl; do
 	command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
@@ -17,7 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
 	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
 	$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 		build-essential binutils gzip curl socat python3 python3-venv qemu-utils \
-		iproute2 iputils-ping
+		iproute2 iputils-ping acpica-tools
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -122,6 +122,13 @@ pub const ACPI_GPE0_BLK_LEN: u8 = 16;
 pub const ACPI_PM_SIZE: u16 = 0x80;
 /// SCI interrupt (ISA IRQ 9, level triggered, active high as on ICH9).
 pub const ACPI_SCI_IRQ: u32 = 9;
+/// The PCI hot plug register block (ACPI PCI hot plug, see
+/// `devices::pci_hotplug`): PCIU, PCID, B0EJ and SLOT, 32 bits each.
+pub const PCI_HOTPLUG_PORT: u16 = 0xae00;
+/// Its length.
+pub const PCI_HOTPLUG_LEN: u16 = 0x10;
+/// The GPE0 bit whose `_E01` method tells the OS about hot plug events.
+pub const PCI_HOTPLUG_GPE: u8 = 1;
 /// SLP_TYP value the DSDT's `\_S5` package gives for soft-off.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 

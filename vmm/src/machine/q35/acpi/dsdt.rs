@@ -7,16 +7,28 @@
 //!          .COM1          16550 UART (PNP0501)
 //!          .PS2K          i8042 keyboard (PNP0303)
 //!          .RTC_          CMOS RTC (PNP0B00)
-//! \_SB.MBRD             motherboard resources (PNP0C02): ECAM + PM I/O block
+//!          .Sxx_          one device per hot-pluggable slot (_ADR, _SUN, _EJ0)
+//!          .PCNT          tells the OS which slots gained or are to lose a device
+//! \_SB.MBRD             motherboard resources (PNP0C02): ECAM, PM I/O block,
+//!                       PCI hot plug registers
 //! \_SB.Cxxx             one processor device (ACPI0007) per vCPU
+//! \_GPE._E01            GPE 1: PCI hot plug (calls PCNT)
 //! ```
+//!
+//! PCI hot plug is ACPI's, as QEMU's q35 and Cloud Hypervisor do it: the
+//! VMM sets a slot's bit in PCIU (device inserted) or PCID (removal asked)
+//! and raises GPE 1; `_E01` notifies the slot's device (1: bus check, 3:
+//! eject request), and the OS, done with the device, calls its `_EJ0`,
+//! which writes the slot's bit to B0EJ (see `devices::pci_hotplug`).
 //!
 //! There is no power button device: the FADT declares the fixed-feature
 //! power button (see `fadt`).
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    Path, ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, And, Device, EISAName, Field, FieldAccessType, FieldEntry,
+    FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, MethodCall, Name,
+    Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, ShiftLeft, Store, IO,
+    ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
@@ -25,7 +37,8 @@ use super::{to_bytes, AcpiConfig, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 use crate::machine::layout::{
     pci_intx_gsi, ACPI_PM_BASE, ACPI_PM_SIZE, ACPI_S5_SLP_TYP, COM1_IRQ, COM1_PORT, ECAM_LAST_BUS,
     ECAM_SIZE, ECAM_START, I8042_CMD_PORT, I8042_DATA_PORT, I8042_IRQ, MMIO32_END, MMIO32_START,
-    PCI_CONFIG_ADDRESS_PORT, PCI_FIRST_DEVICE_SLOT, PCI_LAST_DEVICE_SLOT, RTC_IRQ, RTC_PORT,
+    PCI_CONFIG_ADDRESS_PORT, PCI_FIRST_DEVICE_SLOT, PCI_HOTPLUG_LEN, PCI_HOTPLUG_PORT,
+    PCI_LAST_DEVICE_SLOT, RTC_IRQ, RTC_PORT,
 };
 use crate::machine::q35::chipset::LPC_DEVFN;
 
@@ -157,9 +170,96 @@ fn pci0(cfg: &AcpiConfig) -> RawAml {
 
     let lpc = lpc();
     let prt = prt();
+    let hotplug = hotplug_objects();
 
-    let children: Vec<&dyn Aml> = vec![&hid, &cid, &seg, &bbn, &uid, &crs, &prt, &lpc];
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &seg, &bbn, &uid, &crs, &prt, &lpc];
+    children.extend(hotplug.iter().map(|o| o as &dyn Aml));
     RawAml(to_bytes(&Device::new("PCI0".into(), children)))
+}
+
+/// The ACPI name of a slot's device.
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// Under PCI0: the hot plug registers, a device per slot with `_EJ0`, the
+/// eject helper PCEJ and the notifier PCNT.
+fn hotplug_objects() -> Vec<RawAml> {
+    let mut out = Vec::new();
+    let port = u32::from(PCI_HOTPLUG_PORT);
+    let len = u32::from(PCI_HOTPLUG_LEN);
+    out.push(RawAml(to_bytes(&OpRegion::new(
+        "PCST".into(),
+        OpRegionSpace::SystemIO,
+        &port,
+        &len,
+    ))));
+    out.push(RawAml(to_bytes(&Field::new(
+        "PCST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+            FieldEntry::Named(*b"SLOT", 32),
+        ],
+    ))));
+    // PCEJ(slot): B0EJ = 1 << slot.
+    let bit = ShiftLeft::new(&Local(0), &1u8, &acpi_tables::aml::Arg(0));
+    let b0ej = Path::new("B0EJ");
+    let eject = Store::new(&b0ej, &Local(0));
+    out.push(RawAml(to_bytes(&Method::new(
+        "PCEJ".into(),
+        1,
+        true,
+        vec![&bit, &eject],
+    ))));
+    for slot in PCI_FIRST_DEVICE_SLOT..=PCI_LAST_DEVICE_SLOT {
+        let adr = Name::new("_ADR".into(), &(u32::from(slot) << 16));
+        let sun = Name::new("_SUN".into(), &u32::from(slot));
+        let slot_arg = u32::from(slot);
+        let call = MethodCall::new("PCEJ".into(), vec![&slot_arg]);
+        let ej0 = Method::new("_EJ0".into(), 1, false, vec![&call]);
+        out.push(RawAml(to_bytes(&Device::new(
+            Path::new(&slot_name(slot)),
+            vec![&adr, &sun, &ej0],
+        ))));
+    }
+    // PCNT: Local0 = PCIU, Local1 = PCID; for each slot bit, Notify.
+    let (pciu, pcid) = (Path::new("PCIU"), Path::new("PCID"));
+    let up = Store::new(&Local(0), &pciu);
+    let down = Store::new(&Local(1), &pcid);
+    struct SlotNotify {
+        slot: u8,
+    }
+    impl Aml for SlotNotify {
+        fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+            let mask = 1u32 << self.slot;
+            let dev = Path::new(&slot_name(self.slot));
+            let inserted = And::new(&ZERO, &Local(0), &mask);
+            let check = Notify::new(&dev, &1u8);
+            If::new(&inserted, vec![&check]).to_aml_bytes(sink);
+            let removing = And::new(&ZERO, &Local(1), &mask);
+            let eject = Notify::new(&dev, &3u8);
+            If::new(&removing, vec![&eject]).to_aml_bytes(sink);
+        }
+    }
+    let notifies: Vec<SlotNotify> = (PCI_FIRST_DEVICE_SLOT..=PCI_LAST_DEVICE_SLOT)
+        .map(|slot| SlotNotify { slot })
+        .collect();
+    let mut body: Vec<&dyn Aml> = vec![&up, &down];
+    body.extend(notifies.iter().map(|n| n as &dyn Aml));
+    out.push(RawAml(to_bytes(&Method::new("PCNT".into(), 0, true, body))));
+    out
+}
+
+/// `\_GPE`: GPE 1's handler runs the hot plug notifier.
+fn gpe_scope() -> RawAml {
+    let call = MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let e01 = Method::new("_E01".into(), 0, false, vec![&call]);
+    RawAml(to_bytes(&Scope::new("\\_GPE".into(), vec![&e01])))
 }
 
 /// `_PRT`: INTA-INTD of every device slot to IOAPIC GSIs
@@ -197,7 +297,11 @@ fn motherboard_resources() -> RawAml {
     let uid = Name::new("_UID".into(), &0u8);
     let ecam = Memory32Fixed::new(true, ECAM_START as u32, ECAM_SIZE as u32);
     let pm = fixed_io(ACPI_PM_BASE, ACPI_PM_SIZE as u8);
-    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ecam, &pm]));
+    let hotplug = fixed_io(PCI_HOTPLUG_PORT, PCI_HOTPLUG_LEN as u8);
+    let crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![&ecam, &pm, &hotplug]),
+    );
     RawAml(to_bytes(&Device::new(
         "MBRD".into(),
         vec![&hid, &uid, &crs],
@@ -244,6 +348,7 @@ pub(super) fn build(cfg: &AcpiConfig) -> Vec<u8> {
     );
     let mut aml = to_bytes(&s5);
     sb.to_aml_bytes(&mut aml);
+    gpe_scope().to_aml_bytes(&mut aml);
     dsdt.append_slice(&aml);
     dsdt.as_slice().to_vec()
 }

@@ -410,3 +410,41 @@ fn missing_acpi_area_is_an_error() {
     let err = create_acpi_tables(&mem, &config(1)).unwrap_err();
     assert!(matches!(err, AcpiError::GuestMemory { .. }), "{err}");
 }
+
+/// The hot plug AML as the ACPI compiler reads it back: the slot devices
+/// with `_EJ0`, the notifier and the GPE handler.
+#[test]
+fn dsdt_hot_plug_aml_decompiles() {
+    let mem = guest_memory(64 << 20);
+    let rsdp = create_acpi_tables(&mem, &config(2)).unwrap();
+    let found = walk(&mem, rsdp);
+    let dir = std::env::temp_dir().join(format!("tern-dsdt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let aml = dir.join("dsdt.aml");
+    std::fs::write(&aml, &found.dsdt).unwrap();
+    let out = std::process::Command::new("iasl")
+        .arg("-d")
+        .arg(&aml)
+        .output()
+        .expect("iasl (Debian: acpica-tools, installed by tools/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    for want in [
+        "OperationRegion (PCST, SystemIO, 0xAE00, 0x10)",
+        "Method (PCNT, 0, Serialized)",
+        "Method (PCEJ, 1, Serialized)",
+        "Device (S05)",
+        "Notify (S05, 0x03)",
+        "Notify (S1E, One)",
+        "Method (_E01, 0, NotSerialized)",
+        "\\_SB.PCI0.PCNT ()",
+        "B0EJ = Local0",
+    ] {
+        assert!(dsl.contains(want), "missing `{want}` in:\n{dsl}");
+    }
+}
