@@ -17,6 +17,7 @@
 #include "smp.h"
 #include "snap.h"
 #include "start_info.h"
+#include "user.h"
 
 #define CMDLINE_MAX 1024
 #define FAIL_EXIT_VALUE 0x7e /* host exit status (0x7e << 1) | 1 = 253 */
@@ -270,6 +271,8 @@ static void parse_cmdline(void)
 			/* mempattern, memcheck, memfillbeat, memdirty, snapblk, netserve */
 		} else if (net_parse_key(w, kn, v, vn)) {
 			/* netip, netgw, netqueues, netudp, netport, netwait, nettimeout */
+		} else if (user_parse_key(w, kn, v, vn)) {
+			/* user, userbench */
 		} else if (scsi_parse_key(w, kn, v, vn)) {
 			/* scsiluns, scsiro, scsiunmap, scsibadlun, scsipattern, scsitimeout */
 		} else if (word_eq(w, kn, "beats")) {
@@ -344,6 +347,8 @@ void kmain(uint32_t info_paddr, uint32_t protocol)
 			kprintf("BLK pass %d\n", pass + 1);
 		blk_check(&cfg.blk);
 	}
+
+	user_bench();
 
 	if (cfg.check_net)
 		net_check();

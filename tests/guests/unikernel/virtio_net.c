@@ -239,6 +239,8 @@ uint8_t *vnet_tx_begin(struct vnet *n, unsigned qi)
 	if (n->broken || qi >= n->pairs)
 		return 0;
 	struct virtq *q = &n->txq[qi];
+	if (q->num_free == 0)
+		vnet_tx_flush(n, qi);
 	for (uint32_t i = 0; q->num_free == 0; i++) {
 		vnet_tx_reclaim(n);
 		if (q->num_free)
@@ -266,9 +268,20 @@ int vnet_tx_commit(struct vnet *n, unsigned qi, uint32_t frame_len)
 			       VNET_HDR_LEN + frame_len };
 	if (virtq_add(q, &b, 1, 0, 0) < 0)
 		return -1;
-	vpci_notify(q);
+	if (n->tx_defer)
+		n->tx_pending[qi]++;
+	else
+		vpci_notify(q);
 	n->tx_frames++;
 	return 0;
+}
+
+void vnet_tx_flush(struct vnet *n, unsigned qi)
+{
+	if (qi < n->pairs && n->tx_pending[qi]) {
+		n->tx_pending[qi] = 0;
+		vpci_notify(&n->txq[qi]);
+	}
 }
 
 static uint8_t frame_buf[VNET_FRAME_MAX];

@@ -46,6 +46,8 @@ struct vnet {
 	uint8_t *ctrl_buf;            /* 16 bytes: class, cmd, data; ack at +8 */
 	int rx_posted[VNET_MAX_QP];   /* buffers re-posted since the last notify */
 	unsigned rx_frames[VNET_MAX_QP], tx_frames, rx_dropped, rx_merged;
+	int tx_defer;                 /* 1: vnet_tx_commit leaves the notify to vnet_tx_flush */
+	unsigned tx_pending[VNET_MAX_QP]; /* frames published but not notified (tx_defer) */
 };
 
 /* How long a wait for the device (free tx slot, control command) may take. */
@@ -76,6 +78,9 @@ static inline int vnet_has(const struct vnet *n, unsigned bit)
  * rings the doorbell. No other tx on qi in between. */
 uint8_t *vnet_tx_begin(struct vnet *n, unsigned qi);
 int vnet_tx_commit(struct vnet *n, unsigned qi, uint32_t frame_len);
+/* With n->tx_defer set, commits only publish; this notifies queue qi once for
+ * all of them (each notify is an exit). vnet_tx_begin flushes a full queue. */
+void vnet_tx_flush(struct vnet *n, unsigned qi);
 /* Free the tx buffers the device is done with. */
 void vnet_tx_reclaim(struct vnet *n);
 
