@@ -14,7 +14,7 @@ mod raw;
 
 pub use error::ImageError;
 pub use qcow2::{create_qcow2, Qcow2Image};
-pub use raw::RawImage;
+pub use raw::{RawImage, DIRECT_ALIGN};
 
 /// Image file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,7 @@
-//! Raw images: guest offset == file offset.
+//! Raw images: guest offset == file offset. Opened with O_DIRECT, buffers
+//! that are not 4 KiB aligned in address and length go through an aligned
+//! bounce buffer (file offsets and lengths must still be multiples of the
+//! device's logical block size, as every caller's 512-byte sectors are).
 
 use std::fs::File;
 use std::path::Path;
@@ -15,6 +18,42 @@ pub struct RawImage {
     aux: File,
     size: u64,
     read_only: bool,
+    /// `file` is O_DIRECT: buffers that are not [`DIRECT_ALIGN`]-aligned
+    /// (address and length) go through an aligned bounce buffer.
+    direct: bool,
+}
+
+/// Buffer alignment (address and length) assumed for O_DIRECT.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Bytes per bounce-buffer round trip.
+const BOUNCE_CHUNK: usize = 1 << 20;
+
+fn is_aligned(buf: &[u8]) -> bool {
+    (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) && buf.len().is_multiple_of(DIRECT_ALIGN)
+}
+
+/// A zeroed heap buffer of `len` bytes whose start is [`DIRECT_ALIGN`]-aligned.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + DIRECT_ALIGN];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn get(&mut self, n: usize) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + n.min(self.len)]
+    }
 }
 
 impl RawImage {
@@ -35,6 +74,7 @@ impl RawImage {
             aux,
             size,
             read_only,
+            direct,
         })
     }
 
@@ -72,12 +112,34 @@ impl DiskImage for RawImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
         check_range(offset, buf.len() as u64, self.size)?;
         // Inside the size, so a short read means the file shrank under us: zeros.
-        file::read_or_zero(&self.file, buf, offset)
+        if !self.direct || is_aligned(buf) {
+            return file::read_or_zero(&self.file, buf, offset);
+        }
+        // O_DIRECT and an unaligned buffer: through an aligned one (same
+        // file offsets, which callers keep at 512-byte multiples).
+        let mut bounce =
+            AlignedBuf::new(BOUNCE_CHUNK.min(buf.len()).next_multiple_of(DIRECT_ALIGN));
+        for (i, chunk) in buf.chunks_mut(BOUNCE_CHUNK).enumerate() {
+            let b = bounce.get(chunk.len());
+            file::read_or_zero(&self.file, b, offset + (i * BOUNCE_CHUNK) as u64)?;
+            chunk.copy_from_slice(b);
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
         self.check_write(offset, buf.len() as u64)?;
-        file::write_all(&self.file, buf, offset)
+        if !self.direct || is_aligned(buf) {
+            return file::write_all(&self.file, buf, offset);
+        }
+        let mut bounce =
+            AlignedBuf::new(BOUNCE_CHUNK.min(buf.len()).next_multiple_of(DIRECT_ALIGN));
+        for (i, chunk) in buf.chunks(BOUNCE_CHUNK).enumerate() {
+            let b = bounce.get(chunk.len());
+            b.copy_from_slice(chunk);
+            file::write_all(&self.file, b, offset + (i * BOUNCE_CHUNK) as u64)?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), ImageError> {

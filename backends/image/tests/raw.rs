@@ -132,6 +132,18 @@ fn direct_io_opens_or_refuses_clearly() {
             buf.fill(0);
             img.read_at(buf, 8192).unwrap();
             assert_eq!(buf, &want[..]);
+            // Unaligned buffers (a SCSI LUN's internal ones) are bounced.
+            let mut odd = vec![0u8; 1536 + 1];
+            let odd = &mut odd[1..];
+            odd.copy_from_slice(&pattern(3, 1536));
+            img.write_at(odd, 512).unwrap();
+            let mut back = vec![0u8; 1537];
+            img.read_at(&mut back[1..], 512).unwrap();
+            assert_eq!(&back[1..], &pattern(3, 1536)[..]);
+            assert_eq!(
+                &std::fs::read(&p).unwrap()[512..2048],
+                &pattern(3, 1536)[..]
+            );
         }
         Err(ImageError::Unsupported(msg)) => assert!(msg.contains("O_DIRECT"), "{msg}"),
         Err(e) => panic!("unexpected error opening with O_DIRECT: {e}"),

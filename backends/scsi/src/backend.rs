@@ -7,29 +7,34 @@
 
 use std::io;
 use std::ops::Deref;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
+use tern_image::aio::{Done, Op, UringQueue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::VIRTIO_SCSI_F_HOTPLUG;
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::Permissions;
 use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::command::{self, Sizes};
+use crate::command::{self, Parsed, Prepared, Sizes};
 use crate::config::{ScsiConfig, MAX_QUEUE_SIZE};
 use crate::control;
 use crate::event::{Event, EventState};
 use crate::guest::write_stream;
-use crate::lun::Target;
+use crate::guest::Segment;
+use crate::lun::{AsyncIo, Target};
 use crate::metrics::Metrics;
 use crate::request::Streams;
 
@@ -46,6 +51,34 @@ pub const CONTROL_QUEUE: usize = 0;
 pub const EVENT_QUEUE: usize = 1;
 /// Index of the first request queue.
 pub const FIRST_REQUEST_QUEUE: usize = 2;
+
+/// A snapshot of guest memory, kept alive while the kernel may access it.
+type MemSnapshot = Arc<GuestMemoryMmap<MemBitmap>>;
+
+/// Entries of each request queue's io_uring (and most commands in flight on it).
+const URING_ENTRIES: u32 = MAX_QUEUE_SIZE as u32;
+
+/// What a request queue remembers of a command in flight at the disk.
+struct InFlight {
+    head: u16,
+    mem: MemSnapshot,
+    cmd: Parsed,
+    io: AsyncIo,
+}
+
+/// The asynchronous state of one request queue (= one worker thread).
+#[derive(Default)]
+struct AioQueue {
+    uring: Option<UringQueue<InFlight>>,
+    /// The queue's vring, remembered at the first kick.
+    vring: Option<Vring>,
+    /// Chains were left in the avail ring for lack of ring slots.
+    throttled: bool,
+    /// Driver notifications are suppressed (commands in flight).
+    notify_off: bool,
+    /// Reused buffer for reaped commands.
+    done: Vec<Done<InFlight>>,
+}
 
 /// The event queue's vring (known after its first kick) and its buffers.
 #[derive(Default)]
@@ -65,6 +98,8 @@ pub struct ScsiBackend {
     acked_features: AtomicU64,
     contacted: AtomicBool,
     events: Mutex<Events>,
+    /// Per worker thread: its io_uring (thread 0, control and events, has none).
+    aio: Vec<Mutex<AioQueue>>,
 }
 
 impl ScsiBackend {
@@ -86,6 +121,51 @@ impl ScsiBackend {
             acked_features: AtomicU64::new(0),
             contacted: AtomicBool::new(false),
             events: Mutex::new(Events::default()),
+            aio: (0..=config.num_queues)
+                .map(|_| Mutex::new(AioQueue::default()))
+                .collect(),
+        }
+    }
+
+    /// Serve READ/WRITE of LUNs that have an asynchronous file through one
+    /// io_uring per request queue. If io_uring cannot be set up, logs one
+    /// line and keeps the synchronous path.
+    pub fn with_io_uring(self) -> Self {
+        if !self.target.luns().iter().any(|l| l.aio_file().is_some()) {
+            return self;
+        }
+        for q in self.aio.iter().skip(1) {
+            match UringQueue::new(URING_ENTRIES) {
+                Ok(u) => lock(q).uring = Some(u),
+                Err(e) => {
+                    info!("io_uring unavailable ({e}); using synchronous I/O");
+                    for q in &self.aio {
+                        lock(q).uring = None;
+                    }
+                    break;
+                }
+            }
+        }
+        self
+    }
+
+    /// The `data` of the worker epoll listener for io_uring completions:
+    /// above the range `vhost-user-backend` reserves for queues and its exit event.
+    pub fn completion_event(&self) -> u16 {
+        (FIRST_REQUEST_QUEUE as u16) + self.num_request_queues + 1
+    }
+
+    /// The completion descriptor of worker thread `thread`, if it uses io_uring.
+    pub fn completion_fd(&self, thread: usize) -> Option<RawFd> {
+        self.aio
+            .get(thread)
+            .and_then(|q| lock(q).uring.as_ref().map(UringQueue::event_fd))
+    }
+
+    /// Go back to synchronous I/O on worker thread `thread`.
+    pub fn disable_io_uring(&self, thread: usize) {
+        if let Some(q) = self.aio.get(thread) {
+            lock(q).uring = None;
         }
     }
 
@@ -205,13 +285,169 @@ impl ScsiBackend {
         }
     }
 
-    fn serve_requests(&self, vring: &Vring) {
+    fn serve_requests(&self, vring: &Vring, thread: usize) {
+        if let Some(q) = self.aio.get(thread) {
+            let mut q = lock(q);
+            if q.uring.is_some() {
+                if q.vring.is_none() {
+                    q.vring = Some(vring.clone());
+                }
+                self.serve_async(vring, &mut q);
+                return;
+            }
+        }
         let sizes = self.sizes();
         self.with_event_idx(vring, || {
             self.process_queue(vring, |chain| {
                 command::serve(chain, &self.target, sizes, &self.metrics)
             })
         });
+    }
+
+    /// Serve the avail ring of a request queue with io_uring. While
+    /// commands are in flight the driver's kicks stay off (each completion
+    /// looks at the ring again); with nothing in flight they are turned
+    /// back on, re-checking the ring so nothing added meanwhile is missed.
+    fn serve_async(&self, vring: &Vring, q: &mut AioQueue) {
+        loop {
+            if !q.notify_off {
+                if let Err(e) = vring.disable_notification() {
+                    debug!("cannot disable notifications: {e}");
+                    Metrics::add(&self.metrics.queue_errors, 1);
+                }
+                q.notify_off = true;
+            }
+            self.process_async(vring, q);
+            if q.throttled {
+                return;
+            }
+            if q.uring.as_ref().is_some_and(|u| u.in_flight() > 0) {
+                return;
+            }
+            q.notify_off = false;
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    debug!("cannot enable notifications: {e}");
+                    Metrics::add(&self.metrics.queue_errors, 1);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pop the available chains (as many as the ring has room for),
+    /// submit READ/WRITE of asynchronous LUNs (one `io_uring_enter` for the
+    /// batch), run every other command synchronously, and complete
+    /// whatever has finished.
+    fn process_async(&self, vring: &Vring, q: &mut AioQueue) {
+        let sizes = self.sizes();
+        let mem: MemSnapshot = self.mem.memory().into_inner();
+        let Some(uring) = q.uring.as_mut() else {
+            return;
+        };
+        loop {
+            let room = uring.room();
+            if room == 0 {
+                q.throttled = true;
+                return;
+            }
+            let chains: Vec<_> = {
+                let mut state = vring.get_mut();
+                match state.get_queue_mut().iter(mem.clone()) {
+                    Ok(iter) => iter.take(room).collect(),
+                    Err(e) => {
+                        debug!("cannot read the available ring: {e}");
+                        Metrics::add(&self.metrics.queue_errors, 1);
+                        return;
+                    }
+                }
+            };
+            if chains.is_empty() {
+                return;
+            }
+            let mut done = Vec::with_capacity(chains.len());
+            for mut chain in chains {
+                let head = chain.head_index();
+                let p = match command::prepare(&mut chain, &self.target, sizes, &self.metrics) {
+                    Prepared::Done(used) => {
+                        done.push((head, used));
+                        continue;
+                    }
+                    Prepared::Command(p) => p,
+                };
+                let p = match submit_async(uring, &mem, head, p) {
+                    Ok(()) => continue,
+                    Err(p) => p,
+                };
+                let used = command::execute(&*mem, &p, &self.target, sizes, &self.metrics);
+                done.push((head, used));
+            }
+            uring.submit();
+            uring.reap(&mut q.done);
+            self.complete_async(vring, &mut q.done, done, sizes);
+        }
+    }
+
+    /// Answer reaped commands and the synchronously `done` ones, add them
+    /// to the used ring and notify the driver if needed (once).
+    fn complete_async(
+        &self,
+        vring: &Vring,
+        reaped: &mut Vec<Done<InFlight>>,
+        mut done: Vec<(u16, u32)>,
+        sizes: Sizes,
+    ) {
+        for d in reaped.drain(..) {
+            let f = d.owner;
+            let result = f.cmd.lun.finish_async(&f.io, d.result);
+            let written = match result {
+                Ok(n) => {
+                    if !f.io.write {
+                        // The kernel stored into guest memory behind
+                        // vm-memory's back: log the pages for migration.
+                        mark_dirty(&f.mem, &f.cmd.data_in, n);
+                    }
+                    n
+                }
+                Err(_) => 0,
+            };
+            let used = command::finish(&*f.mem, &f.cmd, result, written, sizes, &self.metrics);
+            done.push((f.head, used));
+        }
+        self.add_used(vring, done);
+    }
+
+    /// io_uring completions arrived for worker `thread`: answer them, then
+    /// serve whatever the driver added meanwhile.
+    fn handle_completions(&self, thread: usize) {
+        let Some(q) = self.aio.get(thread) else {
+            return;
+        };
+        let mut q = lock(q);
+        let q = &mut *q;
+        let (Some(uring), Some(vring)) = (q.uring.as_mut(), q.vring.clone()) else {
+            return;
+        };
+        uring.consume_event();
+        uring.reap(&mut q.done);
+        let room = uring.room();
+        if !q.done.is_empty() {
+            let sizes = self.sizes();
+            if vring.get_ref().get_queue().ready() {
+                self.complete_async(&vring, &mut q.done, Vec::new(), sizes);
+            } else {
+                debug!("dropping {} completions of a stopped queue", q.done.len());
+                q.done.clear();
+            }
+        }
+        if room > 0 {
+            q.throttled = false;
+        }
+        if !q.throttled && vring.get_ref().get_queue().ready() {
+            self.serve_async(&vring, q);
+        }
     }
 
     fn serve_control(&self, vring: &Vring) {
@@ -286,6 +522,92 @@ impl ScsiBackend {
                 Metrics::add(&self.metrics.queue_errors, 1);
             }
         }
+    }
+}
+
+/// Submit a prepared command to `uring` if its LUN and command allow
+/// (see [`crate::lun::Lun::plan_async`]) and its buffers suit the file;
+/// gives it back otherwise.
+fn submit_async(
+    uring: &mut UringQueue<InFlight>,
+    mem: &MemSnapshot,
+    head: u16,
+    p: Parsed,
+) -> Result<(), Parsed> {
+    let Some(io) = p.lun.plan_async(&p.cmd, p.in_len, p.out_len) else {
+        return Err(p);
+    };
+    let Some(fd) = p.lun.aio_file().map(|f| f.as_raw_fd()) else {
+        return Err(p);
+    };
+    let direct = p.lun.is_direct();
+    let (op, access) = if io.write {
+        (Op::Write, Permissions::Read)
+    } else {
+        (Op::Read, Permissions::Write)
+    };
+    let owner = InFlight {
+        head,
+        mem: mem.clone(),
+        cmd: p,
+        io,
+    };
+    let fill = |o: &InFlight, iovecs: &mut Vec<libc::iovec>| {
+        let segs = if o.io.write {
+            &o.cmd.data_out
+        } else {
+            &o.cmd.data_in
+        };
+        let mut left = o.io.len;
+        for seg in segs {
+            if left == 0 {
+                break;
+            }
+            let n = u64::from(seg.len).min(left) as usize;
+            let Ok(slices) = o.mem.get_slices(seg.addr, n, access) else {
+                return false;
+            };
+            let mut total = 0usize;
+            for slice in slices {
+                let Ok(slice) = slice else { return false };
+                let ptr = slice.ptr_guard_mut().as_ptr();
+                if direct
+                    && (!(ptr as usize).is_multiple_of(tern_image::DIRECT_ALIGN)
+                        || !slice.len().is_multiple_of(tern_image::DIRECT_ALIGN))
+                {
+                    return false;
+                }
+                total += slice.len();
+                iovecs.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: slice.len(),
+                });
+            }
+            if total != n {
+                return false;
+            }
+            left -= n as u64;
+        }
+        left == 0
+    };
+    // SAFETY: the LUN (in `owner.cmd`) keeps `fd` open, and `owner.mem`
+    // the guest memory the iovecs point into, until the command is reaped.
+    unsafe { uring.submit_rw(fd, op, io.offset, io.len, owner, fill) }.map_err(|o| o.cmd)
+}
+
+/// Log the first `n` bytes of `segs` as written (dirty) for migration.
+fn mark_dirty(mem: &MemSnapshot, segs: &[Segment], mut n: u64) {
+    for seg in segs {
+        if n == 0 {
+            break;
+        }
+        let len = u64::from(seg.len).min(n);
+        if let Ok(slices) = mem.get_slices(seg.addr, len as usize, Permissions::Write) {
+            for s in slices.flatten() {
+                s.bitmap().mark_dirty(0, s.len());
+            }
+        }
+        n -= len;
     }
 }
 
@@ -393,6 +715,24 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // A request queue: finish every accepted command before the
+        // frontend reads the ring state (the queue is already not ready).
+        let thread = (queue_index as usize).checked_sub(FIRST_REQUEST_QUEUE - 1);
+        if let Some(q) = thread.filter(|&t| t > 0).and_then(|t| self.aio.get(t)) {
+            let mut q = lock(q);
+            let q = &mut *q;
+            if let (Some(uring), Some(vring)) = (q.uring.as_mut(), q.vring.clone()) {
+                uring.wait_all(&mut q.done);
+                let sizes = self.sizes();
+                self.complete_async(&vring, &mut q.done, Vec::new(), sizes);
+                if q.notify_off {
+                    // Leave the ring asking for kicks, as a fresh queue does.
+                    let _ = vring.enable_notification();
+                }
+            }
+            q.throttled = false;
+            q.notify_off = false;
+        }
         // GET_VRING_BASE: held event buffers were popped but never used;
         // rewind the ring over them so whoever resumes the queue (this
         // process after a reconnect, or a migration destination) sees them
@@ -416,6 +756,10 @@ impl VhostUserBackend for ScsiBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        if device_event == self.completion_event() {
+            self.handle_completions(thread_id);
+            return Ok(());
+        }
         if !evset.contains(EventSet::IN) {
             warn!("unexpected event set {evset:?} on queue event {device_event}");
             return Ok(());
@@ -428,7 +772,7 @@ impl VhostUserBackend for ScsiBackend {
         match (thread_id, usize::from(device_event)) {
             (0, CONTROL_QUEUE) => self.serve_control(vring),
             (0, EVENT_QUEUE) => self.serve_event_queue(vring),
-            _ => self.serve_requests(vring),
+            _ => self.serve_requests(vring, thread_id),
         }
         Ok(())
     }

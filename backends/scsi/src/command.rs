@@ -13,6 +13,7 @@
 //!   CONDITION with fixed-format sense) and the residual.
 
 use std::ops::Deref;
+use std::sync::Arc;
 
 use log::debug;
 use virtio_bindings::virtio_scsi::{
@@ -23,7 +24,7 @@ use vm_memory::GuestMemory;
 
 use crate::cdb::{self, Command};
 use crate::guest::{stream_len, write_stream, GuestIn, GuestOut, Segment};
-use crate::lun::{DataIn, Failure, Target};
+use crate::lun::{DataIn, Failure, Lun, Target};
 use crate::metrics::Metrics;
 use crate::request::{cmd_response, parse_cmd, CMD_RESP_FIXED};
 use crate::sense::{STATUS_CHECK_CONDITION, STATUS_GOOD};
@@ -37,6 +38,32 @@ pub struct Sizes {
     pub sense: usize,
 }
 
+/// A parsed command for an existing LUN, ready to execute.
+pub struct Parsed {
+    /// The unit addressed.
+    pub lun: Arc<Lun>,
+    /// The command.
+    pub cmd: Command,
+    /// Response buffers (exactly the response size).
+    pub resp: Vec<Segment>,
+    /// Data-out buffers.
+    pub data_out: Vec<Segment>,
+    /// Data-in buffers.
+    pub data_in: Vec<Segment>,
+    /// Bytes of data-in room.
+    pub in_len: u64,
+    /// Bytes of data-out.
+    pub out_len: u64,
+}
+
+/// What [`prepare`] made of a chain.
+pub enum Prepared {
+    /// Answered already (malformed, bad target, bad CDB): the used length.
+    Done(u32),
+    /// A command to execute.
+    Command(Parsed),
+}
+
 /// Serve one command chain; returns the used length for the used ring.
 pub fn serve<M>(
     chain: &mut DescriptorChain<M>,
@@ -48,12 +75,30 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
+    match prepare(chain, target, sizes, metrics) {
+        Prepared::Done(used) => used,
+        Prepared::Command(p) => execute(chain.memory(), &p, target, sizes, metrics),
+    }
+}
+
+/// Parse a command chain, find its LUN and parse its CDB, answering
+/// whatever fails on the way (malformed chain, bad target, bad CDB).
+pub fn prepare<M>(
+    chain: &mut DescriptorChain<M>,
+    target: &Target,
+    sizes: Sizes,
+    metrics: &Metrics,
+) -> Prepared
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
     let resp_size = (CMD_RESP_FIXED + sizes.sense) as u32;
     let req = match parse_cmd(chain, sizes.cdb, sizes.sense) {
         Ok(r) => r,
         Err(rej) => {
             debug!("malformed command request: {}", rej.error);
-            return match rej.resp {
+            return Prepared::Done(match rej.resp {
                 Some(resp) => {
                     Metrics::add(&metrics.invalid_requests, 1);
                     let r = cmd_response(VIRTIO_SCSI_S_FAILURE as u8, 0, 0, &[], sizes.sense);
@@ -63,31 +108,18 @@ where
                     Metrics::add(&metrics.skipped_chains, 1);
                     0
                 }
-            };
+            });
         }
     };
     Metrics::add(&metrics.commands, 1);
     let mem = chain.memory();
-    let answer = |response: u32, status: u8, resid: u64, sense: &[u8]| {
-        let resid = u32::try_from(resid).unwrap_or(u32::MAX);
-        cmd_response(response as u8, status, resid, sense, sizes.sense)
-    };
     let in_len = stream_len(&req.data_in);
     let out_len = stream_len(&req.data_out);
     let all_resid = in_len.max(out_len);
     let Some(lun) = target.lookup(&req.lun) else {
         Metrics::add(&metrics.bad_target, 1);
-        let r = answer(VIRTIO_SCSI_S_BAD_TARGET, 0, all_resid, &[]);
-        return respond(mem, &req.resp, &r, resp_size, metrics);
-    };
-    let check = |sense: crate::sense::Sense| {
-        Metrics::add(&metrics.check_conditions, 1);
-        answer(
-            VIRTIO_SCSI_S_OK,
-            STATUS_CHECK_CONDITION,
-            all_resid,
-            &sense.fixed(),
-        )
+        let r = answer(sizes, VIRTIO_SCSI_S_BAD_TARGET, 0, all_resid, &[]);
+        return Prepared::Done(respond(mem, &req.resp, &r, resp_size, metrics));
     };
     let cmd = match cdb::parse(&req.cdb) {
         Ok(c) => c,
@@ -97,8 +129,8 @@ where
                 lun.info().lun,
                 &req.cdb[..req.cdb.len().min(16)]
             );
-            let r = check(sense);
-            return respond(mem, &req.resp, &r, resp_size, metrics);
+            let r = check(sizes, metrics, all_resid, sense);
+            return Prepared::Done(respond(mem, &req.resp, &r, resp_size, metrics));
         }
     };
     match cmd {
@@ -106,9 +138,28 @@ where
         Command::Write { .. } => Metrics::add(&metrics.writes, 1),
         _ => {}
     }
-    let dout = GuestOut::new(mem, &req.data_out);
-    let mut din = GuestIn::new(mem, &req.data_in);
-    let result = match cmd {
+    Prepared::Command(Parsed {
+        lun: lun.clone(),
+        cmd,
+        resp: req.resp,
+        data_out: req.data_out,
+        data_in: req.data_in,
+        in_len,
+        out_len,
+    })
+}
+
+/// Execute a prepared command synchronously and answer it; returns the used length.
+pub fn execute<G: GuestMemory + ?Sized>(
+    mem: &G,
+    p: &Parsed,
+    target: &Target,
+    sizes: Sizes,
+    metrics: &Metrics,
+) -> u32 {
+    let dout = GuestOut::new(mem, &p.data_out);
+    let mut din = GuestIn::new(mem, &p.data_in);
+    let result = match p.cmd {
         // REPORT LUNS is a target command: any LUN answers for all of them.
         Command::ReportLuns { select, alloc_len } => {
             let data = target.report_luns(select);
@@ -116,27 +167,60 @@ where
             din.put(&data[..n])
                 .map_err(|_| Failure::Check(crate::sense::Sense::INTERNAL_TARGET_FAILURE))
         }
-        _ => lun.execute(&cmd, &dout, &mut din),
+        _ => p.lun.execute(&p.cmd, &dout, &mut din),
     };
+    finish(mem, p, result, din.written(), sizes, metrics)
+}
+
+/// Answer an executed command: `result` is what the unit returned,
+/// `written` the bytes put into data-in. Returns the used length.
+pub fn finish<G: GuestMemory + ?Sized>(
+    mem: &G,
+    p: &Parsed,
+    result: Result<u64, Failure>,
+    written: u64,
+    sizes: Sizes,
+    metrics: &Metrics,
+) -> u32 {
+    let resp_size = (CMD_RESP_FIXED + sizes.sense) as u32;
+    let all_resid = p.in_len.max(p.out_len);
     let r = match result {
         Ok(written) => {
-            let resid = match cmd.transfer() {
-                cdb::Transfer::Out(n) => out_len.saturating_sub(n),
-                _ => in_len.saturating_sub(written),
+            let resid = match p.cmd.transfer() {
+                cdb::Transfer::Out(n) => p.out_len.saturating_sub(n),
+                _ => p.in_len.saturating_sub(written),
             };
-            answer(VIRTIO_SCSI_S_OK, STATUS_GOOD, resid, &[])
+            answer(sizes, VIRTIO_SCSI_S_OK, STATUS_GOOD, resid, &[])
         }
-        Err(Failure::Check(sense)) => check(sense),
+        Err(Failure::Check(sense)) => check(sizes, metrics, all_resid, sense),
         Err(Failure::Overrun) => {
             Metrics::add(&metrics.overruns, 1);
-            answer(VIRTIO_SCSI_S_OVERRUN, 0, all_resid, &[])
+            answer(sizes, VIRTIO_SCSI_S_OVERRUN, 0, all_resid, &[])
         }
     };
-    let used = respond(mem, &req.resp, &r, resp_size, metrics);
+    let used = respond(mem, &p.resp, &r, resp_size, metrics);
     if used == 0 {
         return 0;
     }
-    used.saturating_add(u32::try_from(din.written()).unwrap_or(u32::MAX))
+    used.saturating_add(u32::try_from(written).unwrap_or(u32::MAX))
+}
+
+/// A `virtio_scsi_cmd_resp`.
+fn answer(sizes: Sizes, response: u32, status: u8, resid: u64, sense: &[u8]) -> Vec<u8> {
+    let resid = u32::try_from(resid).unwrap_or(u32::MAX);
+    cmd_response(response as u8, status, resid, sense, sizes.sense)
+}
+
+/// CHECK CONDITION with `sense`.
+fn check(sizes: Sizes, metrics: &Metrics, all_resid: u64, sense: crate::sense::Sense) -> Vec<u8> {
+    Metrics::add(&metrics.check_conditions, 1);
+    answer(
+        sizes,
+        VIRTIO_SCSI_S_OK,
+        STATUS_CHECK_CONDITION,
+        all_resid,
+        &sense.fixed(),
+    )
 }
 
 /// Write a response; the used length covers the whole response structure

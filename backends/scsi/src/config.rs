@@ -71,6 +71,8 @@ pub struct LunSpec {
     pub read_only: bool,
     /// Unit serial number; defaults to `tern-lun<N>` (N = LUN number).
     pub serial: Option<String>,
+    /// Open the image with O_DIRECT (`direct=on`): no host page cache.
+    pub direct: bool,
 }
 
 impl FromStr for LunSpec {
@@ -87,6 +89,7 @@ impl FromStr for LunSpec {
             format: None,
             read_only: false,
             serial: None,
+            direct: false,
         };
         for opt in parts {
             let (k, v) = opt
@@ -99,13 +102,8 @@ impl FromStr for LunSpec {
                             .map_err(|_| LunSpecError::BadFormat(v.to_string()))?,
                     )
                 }
-                "ro" | "readonly" => {
-                    spec.read_only = match v {
-                        "on" | "true" | "yes" | "1" => true,
-                        "off" | "false" | "no" | "0" => false,
-                        _ => return Err(LunSpecError::BadBool(v.to_string())),
-                    }
-                }
+                "ro" | "readonly" => spec.read_only = parse_bool(v)?,
+                "direct" => spec.direct = parse_bool(v)?,
                 "serial" => {
                     if v.len() > 240 || !v.bytes().all(|b| (0x20..0x7F).contains(&b)) {
                         return Err(LunSpecError::BadSerial(v.to_string()));
@@ -119,6 +117,24 @@ impl FromStr for LunSpec {
     }
 }
 
+/// `--aio` engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AioArg {
+    /// Linux io_uring: many commands per request queue in flight.
+    #[value(name = "io_uring", alias = "io-uring")]
+    IoUring,
+    /// One blocking read/write at a time per request queue.
+    Sync,
+}
+
+fn parse_bool(v: &str) -> Result<bool, LunSpecError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(LunSpecError::BadBool(v.to_string())),
+    }
+}
+
 /// vhost-user virtio-scsi backend for tern: one controller, target 0, with
 /// one LUN per `--lun`, numbered from 0 in the order given.
 #[derive(Debug, Parser)]
@@ -127,13 +143,20 @@ pub struct Args {
     /// Path of the vhost-user Unix socket to listen on (created; removed on exit).
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// A LUN: FILE[,format=raw|qcow2][,ro=on][,serial=S]. Repeat for more LUNs.
+    /// A LUN: FILE[,format=raw|qcow2][,ro=on][,serial=S][,direct=on]. Repeat
+    /// for more LUNs. `direct=on` opens the image with O_DIRECT (no host
+    /// page cache).
     #[arg(long = "lun", value_name = "SPEC", required = true)]
     pub luns: Vec<LunSpec>,
     /// Number of request queues, each served by its own thread.
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=MAX_REQUEST_QUEUES as i64))]
     pub queues: u16,
+    /// I/O engine for READ/WRITE of raw LUNs (qcow2 LUNs and every other
+    /// command are synchronous); io_uring falls back to sync when the
+    /// kernel refuses it.
+    #[arg(long, value_enum, default_value = "io_uring", value_name = "ENGINE")]
+    pub aio: AioArg,
     /// After the frontend disconnects, wait for the next one instead of exiting.
     #[arg(long)]
     pub keep_listening: bool,
@@ -246,6 +269,13 @@ mod tests {
         assert_eq!(s.format, Some(Format::Qcow2));
         assert!(s.read_only);
         assert_eq!(s.serial.as_deref(), Some("SN-1"));
+        assert!(!s.direct);
+        let s: LunSpec = "c.raw,direct=on".parse().unwrap();
+        assert!(s.direct && !s.read_only);
+        assert!(matches!(
+            "a,direct=maybe".parse::<LunSpec>(),
+            Err(LunSpecError::BadBool(_))
+        ));
         assert_eq!("".parse::<LunSpec>(), Err(LunSpecError::NoFile));
         assert_eq!(",ro=on".parse::<LunSpec>(), Err(LunSpecError::NoFile));
         assert!(matches!(

@@ -3,6 +3,7 @@
 //! [`DataIn`] / [`DataOut`] abstractions (guest buffers in the backend,
 //! plain vectors in tests), so this module knows nothing of virtqueues.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -104,6 +105,24 @@ pub struct Lun {
     image: Arc<dyn DiskImage>,
     wce: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The raw image file for asynchronous (io_uring) READ/WRITE, if any.
+    aio_file: Option<Arc<File>>,
+    /// `aio_file` (and the image) are O_DIRECT.
+    direct: bool,
+}
+
+/// A READ or WRITE that may go to the disk asynchronously: every check a
+/// disk makes before moving data has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncIo {
+    /// A write (else a read).
+    pub write: bool,
+    /// Starting LBA.
+    pub lba: u64,
+    /// Byte offset in the image.
+    pub offset: u64,
+    /// Bytes to move.
+    pub len: u64,
 }
 
 impl Lun {
@@ -127,6 +146,86 @@ impl Lun {
             image,
             wce: AtomicBool::new(ModeState::default().wce),
             metrics,
+            aio_file: None,
+            direct: false,
+        }
+    }
+
+    /// Let READ/WRITE of this (raw) unit go asynchronously through `file`,
+    /// the image file opened again (with O_DIRECT when `direct`).
+    pub fn with_aio_file(mut self, file: Arc<File>, direct: bool) -> Self {
+        self.aio_file = Some(file);
+        self.direct = direct;
+        self
+    }
+
+    /// The file for asynchronous I/O, if the unit has one.
+    pub fn aio_file(&self) -> Option<&Arc<File>> {
+        self.aio_file.as_ref()
+    }
+
+    /// Whether the asynchronous file is O_DIRECT (buffers must be aligned).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// If `cmd` is a READ, or a WRITE that needs no cache flush after it,
+    /// on a unit with an asynchronous file, and passes the checks
+    /// [`execute`](Self::execute) makes before moving data (buffer room,
+    /// LBA range, write protection), what to submit. Anything else (and
+    /// any failing check, answered with the same sense by `execute`) goes
+    /// the synchronous way.
+    pub fn plan_async(&self, cmd: &Command, in_len: u64, out_len: u64) -> Option<AsyncIo> {
+        self.aio_file.as_ref()?;
+        let (write, lba, blocks) = match *cmd {
+            Command::Read { lba, blocks, .. } => (false, lba, blocks),
+            Command::Write { lba, blocks, fua } => {
+                if fua || !self.wce.load(Ordering::Relaxed) || self.info.read_only {
+                    return None;
+                }
+                (true, lba, blocks)
+            }
+            _ => return None,
+        };
+        let len = u64::from(blocks) << BLOCK_SHIFT;
+        let room = if write { out_len } else { in_len };
+        if len == 0 || room < len || cdb::check_command_range(cmd, self.info.capacity).is_err() {
+            return None;
+        }
+        Some(AsyncIo {
+            write,
+            lba,
+            offset: lba << BLOCK_SHIFT,
+            len,
+        })
+    }
+
+    /// The outcome of an asynchronous transfer planned by
+    /// [`plan_async`](Self::plan_async): the bytes put into data-in, or the
+    /// sense `execute` would give for the same failure.
+    pub fn finish_async(&self, io: &AsyncIo, result: std::io::Result<u64>) -> Result<u64, Failure> {
+        match result {
+            Ok(_) if io.write => {
+                Metrics::add(&self.metrics.bytes_written, io.len);
+                Ok(0)
+            }
+            Ok(_) => {
+                Metrics::add(&self.metrics.bytes_read, io.len);
+                Ok(io.len)
+            }
+            Err(err) => {
+                let (what, medium) = if io.write {
+                    ("write", Sense::WRITE_ERROR)
+                } else {
+                    ("read", Sense::UNRECOVERED_READ_ERROR)
+                };
+                let e = DataError::Image(ImageError::Io {
+                    op: what,
+                    offset: io.offset,
+                    err,
+                });
+                Err(self.io_error(what, io.lba, e, medium).into())
+            }
         }
     }
 

@@ -4,8 +4,9 @@
 //! Exit status: 0 after the frontend disconnected (or SIGINT/SIGTERM), 1 on
 //! a runtime failure, 2 on a usage or startup error (one line on stderr).
 
+use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,12 +17,13 @@ use tern_backend_common::{init_logger, listen, ListenError, Signals};
 use tern_image::Format;
 use tern_scsi::backend::ScsiBackend;
 use tern_scsi::cdb::BLOCK_SIZE;
-use tern_scsi::config::{Args, LunSpec, ScsiConfig};
+use tern_scsi::config::{AioArg, Args, LunSpec, ScsiConfig};
 use tern_scsi::lun::{Lun, Target, MAX_LUNS};
 use tern_scsi::metrics::{self, Metrics};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 /// Errors that stop `tern-scsi` before it serves anything (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +103,7 @@ impl Setup {
         let metrics = Arc::new(Metrics::new());
         let mut luns = Vec::with_capacity(args.luns.len());
         for (i, spec) in args.luns.iter().enumerate() {
-            luns.push(Arc::new(open_lun(i, spec, metrics.clone())?));
+            luns.push(Arc::new(open_lun(i, spec, args.aio, metrics.clone())?));
         }
         let config = ScsiConfig::new(args.queues);
 
@@ -135,14 +137,27 @@ impl Setup {
         loop {
             // A fresh device per connection: no vring state leaks into the next frontend.
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(ScsiBackend::new(
-                self.config,
-                self.target.clone(),
-                mem.clone(),
-                self.metrics.clone(),
-            ));
+            let backend = Arc::new(
+                ScsiBackend::new(
+                    self.config,
+                    self.target.clone(),
+                    mem.clone(),
+                    self.metrics.clone(),
+                )
+                .with_io_uring(),
+            );
             let mut daemon = VhostUserDaemon::new("tern-scsi".to_string(), backend.clone(), mem)
                 .map_err(RunError::Daemon)?;
+            // io_uring completions wake the request queue's own worker thread.
+            for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+                if let Some(fd) = backend.completion_fd(thread) {
+                    let event = u64::from(backend.completion_event());
+                    if let Err(e) = handler.register_listener(fd, EventSet::IN, event) {
+                        warn!("cannot watch io_uring completions ({e}); worker {thread} uses synchronous I/O");
+                        backend.disable_io_uring(thread);
+                    }
+                }
+            }
             daemon.start(&mut self.listener).map_err(RunError::Daemon)?;
             debug!("connection accepted");
             let result = daemon.wait();
@@ -169,7 +184,12 @@ impl Setup {
 }
 
 /// Check and open one LUN's image.
-fn open_lun(lun: usize, spec: &LunSpec, metrics: Arc<Metrics>) -> Result<Lun, StartupError> {
+fn open_lun(
+    lun: usize,
+    spec: &LunSpec,
+    aio: AioArg,
+    metrics: Arc<Metrics>,
+) -> Result<Lun, StartupError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| StartupError::ImageMissing {
         lun,
@@ -190,7 +210,7 @@ fn open_lun(lun: usize, spec: &LunSpec, metrics: Arc<Metrics>) -> Result<Lun, St
             source,
         })?,
     };
-    let image = tern_image::open(path, format, spec.read_only, false).map_err(|source| {
+    let image = tern_image::open(path, format, spec.read_only, spec.direct).map_err(|source| {
         StartupError::Open {
             lun,
             path: path.clone(),
@@ -212,16 +232,28 @@ fn open_lun(lun: usize, spec: &LunSpec, metrics: Arc<Metrics>) -> Result<Lun, St
         .clone()
         .unwrap_or_else(|| format!("tern-lun{lun}"));
     info!(
-        "LUN {lun}: {} ({format}, {} blocks{})",
+        "LUN {lun}: {} ({format}, {} blocks{}{})",
         path.display(),
         size / u64::from(BLOCK_SIZE),
-        if spec.read_only { ", read-only" } else { "" }
+        if spec.read_only { ", read-only" } else { "" },
+        if spec.direct { ", O_DIRECT" } else { "" }
     );
-    Ok(Lun::new(
-        number,
-        Arc::from(image),
-        spec.read_only,
-        serial,
-        metrics,
-    ))
+    let read_only = spec.read_only || image.is_read_only();
+    let unit = Lun::new(number, Arc::from(image), spec.read_only, serial, metrics);
+    if format != Format::Raw || aio != AioArg::IoUring {
+        return Ok(unit);
+    }
+    // READ/WRITE through io_uring on a descriptor of its own.
+    let mut o = OpenOptions::new();
+    o.read(true).write(!read_only);
+    if spec.direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    match o.open(path) {
+        Ok(f) => Ok(unit.with_aio_file(Arc::new(f), spec.direct)),
+        Err(e) => {
+            warn!("LUN {lun}: cannot open the image for io_uring ({e}); using synchronous I/O");
+            Ok(unit)
+        }
+    }
 }

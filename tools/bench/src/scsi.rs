@@ -27,8 +27,9 @@ in flight on one request queue), and host fio on that file:
   4 KiB random read  QD32, 1 queue
   1 MiB sequential read QD8, 1 queue
 
-Both backends and fio go through the host page cache (tern-scsi has no
-O_DIRECT mode; the file is read once before measuring). Each run measures
+Both backends and fio use O_DIRECT (tern-blk --direct, tern-scsi
+--lun FILE,direct=on, fio --direct=1), so all three see the same disk and
+no page cache. Each run measures
 tern-blk, tern-scsi and fio back to back; the table gives medians over the
 runs and tern-scsi / tern-blk (target: at least 85%).
 
@@ -174,7 +175,7 @@ fn drive_scsi(
     let _cleanup = DirGuard(dir.clone());
     let socket = dir.join("scsi.sock");
     let lun = format!(
-        "{},format=raw,ro=on",
+        "{},format=raw,ro=on,direct=on",
         file.path.to_str().ok_or("file path is not UTF-8")?
     );
     let queues = case.queues.to_string();
@@ -403,20 +404,6 @@ fn check_binary(what: &str, p: &Path) -> Result<(), String> {
     }
 }
 
-/// Read the whole file once so every contender starts from a warm page cache.
-fn warm(file: &BenchFile) -> Result<(), String> {
-    use std::io::Read;
-    let mut f =
-        std::fs::File::open(&file.path).map_err(|e| format!("{}: {e}", file.path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    while f
-        .read(&mut buf)
-        .map_err(|e| format!("{}: {e}", file.path.display()))?
-        > 0
-    {}
-    Ok(())
-}
-
 pub fn run(o: &Options) -> Result<(), String> {
     check_binary("tern-scsi", &o.tern_scsi)?;
     check_binary("tern-blk", &o.tern_blk)?;
@@ -454,7 +441,6 @@ pub fn run(o: &Options) -> Result<(), String> {
             blk::create_file(&p, o.size_mib << 20)?
         }
     };
-    warm(&file)?;
     let machine = Machine::probe();
     eprintln!("tern-bench scsi: {}", machine.summary());
     let mut engine = "io_uring".to_string();
@@ -468,7 +454,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                 case.name,
                 o.seconds
             );
-            let b = blk::drive(&o.tern_blk, &file, false, case, o.seconds, o.event_idx)
+            let b = blk::drive(&o.tern_blk, &file, true, case, o.seconds, o.event_idx)
                 .map_err(|e| format!("{}: tern-blk: {e}", case.name))?;
             eprintln!("  tern-blk   {}", blk::brief(&b));
             s.blk.push(b);
@@ -477,10 +463,10 @@ pub fn run(o: &Options) -> Result<(), String> {
             eprintln!("  tern-scsi  {}", blk::brief(&r));
             s.scsi.push(r);
             if fio_version.is_some() {
-                let mut r = blk::fio_with(&engine, &file, case, o.seconds, false);
+                let mut r = blk::fio_with(&engine, &file, case, o.seconds, true);
                 if r.is_err() && engine == "io_uring" {
                     engine = "libaio".into();
-                    r = blk::fio_with(&engine, &file, case, o.seconds, false);
+                    r = blk::fio_with(&engine, &file, case, o.seconds, true);
                 }
                 let r = r.map_err(|e| format!("{}: {e}", case.name))?;
                 eprintln!("  fio        {}", blk::brief(&r));
@@ -489,7 +475,7 @@ pub fn run(o: &Options) -> Result<(), String> {
         }
     }
     println!(
-        "tern-scsi vs tern-blk, same raw file ({} MiB, page cache), medians of {} runs x {} s, EVENT_IDX {}, fio {} ({})",
+        "tern-scsi vs tern-blk, same raw file ({} MiB, O_DIRECT), medians of {} runs x {} s, EVENT_IDX {}, fio {} ({})",
         file.size >> 20,
         o.runs,
         o.seconds,
@@ -556,6 +542,29 @@ pub fn run(o: &Options) -> Result<(), String> {
         "scsi/blk = tern-scsi / tern-blk (latency: above 1.00x is slower); target from the issue: \
          tern-scsi >= 85% of tern-blk (4 KiB random read IOPS, 1 MiB sequential MB/s).\n",
     );
+    t.push_str("per-run tern-scsi / tern-blk (and tern-blk / fio):\n");
+    for (case, smp) in CASES.iter().zip(samples.iter()) {
+        let f = |r: &Res| if case.random { r.iops } else { r.mbps };
+        let sb: Vec<String> = smp
+            .scsi
+            .iter()
+            .zip(&smp.blk)
+            .map(|(a, b)| format!("{:.2}", f(a) / f(b)))
+            .collect();
+        let bf: Vec<String> = smp
+            .blk
+            .iter()
+            .zip(&smp.fio)
+            .map(|(a, b)| format!("{:.2}", f(a) / f(b)))
+            .collect();
+        let _ = writeln!(
+            t,
+            "  {:<22} scsi/blk {}   blk/fio {}",
+            case.name,
+            sb.join(" "),
+            bf.join(" ")
+        );
+    }
     print!("{t}");
     if let Some(path) = &o.json {
         let v = json!({
@@ -563,7 +572,8 @@ pub fn run(o: &Options) -> Result<(), String> {
             "seconds": o.seconds,
             "runs": o.runs,
             "file_bytes": file.size,
-            "page_cache": true,
+            "page_cache": false,
+            "o_direct": true,
             "event_idx": o.event_idx,
             "fio_version": fio_version,
             "fio_engine": engine,
