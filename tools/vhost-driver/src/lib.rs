@@ -58,11 +58,14 @@ pub mod layout {
     /// Region 0: rings and request headers.
     pub const RING_REGION: u64 = 0;
     pub const RING_REGION_SIZE: u64 = 1 << 20;
-    /// Per-queue ring area inside region 0 (room for rings of up to 1024 entries).
-    pub const QUEUE_STRIDE: u64 = 0x1_0000;
+    /// Per-queue ring area inside region 0 (room for rings of up to 1024
+    /// entries: descriptors at +0 (16 KiB), avail at +0x4000 (2 KiB + 6),
+    /// used at +0x5000 (8 KiB + 6)).
+    pub const QUEUE_STRIDE: u64 = 0x8000;
     /// Request headers / status bytes: one 0x1000 page per queue, above the rings.
     pub const HDR_BASE: u64 = 0x8_0000;
-    /// Most queues that fit below `HDR_BASE`.
+    /// Most queues that fit below `HDR_BASE` (16: e.g. 4 net queue pairs
+    /// plus the control queue).
     pub const MAX_QUEUES: usize = (HDR_BASE / QUEUE_STRIDE) as usize;
     /// Region 1: data buffers (not adjacent to region 0).
     pub const DATA_REGION: u64 = 0x1000_0000;
@@ -262,7 +265,7 @@ impl VirtQueue {
             size,
             desc: base,
             avail: base + 0x4000,
-            used: base + 0x8000,
+            used: base + 0x5000,
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             next_desc: 0,

@@ -46,6 +46,27 @@ pub mod feat {
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`).
 pub const HDR_LEN: usize = 12;
 
+/// `virtio_net_hdr` flags and GSO types.
+pub const HDR_F_NEEDS_CSUM: u8 = 1;
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+
+/// A `virtio_net_hdr_v1` asking the device for TCP/IPv4 segmentation (and
+/// the checksums) of a frame whose Ethernet, IPv4 and TCP headers take
+/// `hdr_len` bytes (TCP at `l4_start`), in segments of `mss` payload bytes.
+/// The frame's TCP checksum field must hold the folded pseudo-header sum
+/// (see [`pkt::tcp_partial`]). Needs HOST_TSO4 (and CSUM) negotiated.
+pub fn tso4_hdr(hdr_len: u16, l4_start: u16, mss: u16) -> [u8; HDR_LEN] {
+    let mut h = [0u8; HDR_LEN];
+    h[0] = HDR_F_NEEDS_CSUM;
+    h[1] = GSO_TCPV4;
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&mss.to_le_bytes());
+    h[6..8].copy_from_slice(&l4_start.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes()); // TCP checksum offset
+    h
+}
+
 /// How to connect a [`NetFrontend`].
 #[derive(Clone, Debug)]
 pub struct NetOptions {
@@ -437,7 +458,14 @@ pub mod pkt {
     pub const ETH_ARP: u16 = 0x0806;
     pub const ETH_IPV4: u16 = 0x0800;
     pub const PROTO_ICMP: u8 = 1;
+    pub const PROTO_TCP: u8 = 6;
     pub const PROTO_UDP: u8 = 17;
+    /// TCP flags.
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    pub const TCP_PSH: u8 = 0x08;
+    pub const TCP_ACK: u8 = 0x10;
 
     fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
         let mut f = Vec::with_capacity(64);
@@ -546,6 +574,92 @@ pub mod pkt {
         u
     }
 
+    /// TCP header fields (checksum computed by the builders).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Tcp {
+        pub sport: u16,
+        pub dport: u16,
+        pub seq: u32,
+        pub ack: u32,
+        pub flags: u8,
+        pub window: u16,
+    }
+
+    fn tcp_header(t: &Tcp, options: &[u8]) -> Vec<u8> {
+        assert!(options.len().is_multiple_of(4) && options.len() <= 40);
+        let mut h = Vec::with_capacity(20 + options.len());
+        h.extend_from_slice(&t.sport.to_be_bytes());
+        h.extend_from_slice(&t.dport.to_be_bytes());
+        h.extend_from_slice(&t.seq.to_be_bytes());
+        h.extend_from_slice(&t.ack.to_be_bytes());
+        h.push(((20 + options.len()) / 4) as u8 * 16);
+        h.push(t.flags);
+        h.extend_from_slice(&t.window.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0]);
+        h.extend_from_slice(options);
+        h
+    }
+
+    /// A TCP segment (header, `options`, `data`) with its checksum.
+    pub fn tcp(src: [u8; 4], dst: [u8; 4], t: &Tcp, options: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut s = tcp_header(t, options);
+        s.extend_from_slice(data);
+        let c = inet_checksum(&s, pseudo_sum(src, dst, PROTO_TCP, s.len() as u16));
+        s[16..18].copy_from_slice(&c.to_be_bytes());
+        s
+    }
+
+    /// The 20-byte header of a TCP segment carrying `data_len` bytes whose
+    /// checksum the device completes (NEEDS_CSUM): the checksum field holds
+    /// the folded pseudo-header sum, not inverted.
+    pub fn tcp_partial(src: [u8; 4], dst: [u8; 4], t: &Tcp, data_len: usize) -> Vec<u8> {
+        let mut h = tcp_header(t, &[]);
+        let mut sum = pseudo_sum(src, dst, PROTO_TCP, (20 + data_len) as u16);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        h[16..18].copy_from_slice(&(sum as u16).to_be_bytes());
+        h
+    }
+
+    /// A parsed TCP header: fields, data offset, the window-scale option.
+    pub fn parse_tcp(seg: &[u8]) -> Option<(Tcp, usize, Option<u8>)> {
+        if seg.len() < 20 {
+            return None;
+        }
+        let off = usize::from(seg[12] >> 4) * 4;
+        if off < 20 || off > seg.len() {
+            return None;
+        }
+        let t = Tcp {
+            sport: u16::from_be_bytes([seg[0], seg[1]]),
+            dport: u16::from_be_bytes([seg[2], seg[3]]),
+            seq: u32::from_be_bytes(seg[4..8].try_into().unwrap()),
+            ack: u32::from_be_bytes(seg[8..12].try_into().unwrap()),
+            flags: seg[13],
+            window: u16::from_be_bytes([seg[14], seg[15]]),
+        };
+        let mut ws = None;
+        let mut i = 20;
+        while i < off {
+            match seg[i] {
+                0 => break,
+                1 => i += 1,
+                kind => {
+                    let len = usize::from(*seg.get(i + 1)?);
+                    if len < 2 || i + len > off {
+                        break;
+                    }
+                    if kind == 3 && len == 3 {
+                        ws = Some(seg[i + 2]);
+                    }
+                    i += len;
+                }
+            }
+        }
+        Some((t, off, ws))
+    }
+
     /// Sum of the IPv4 pseudo header.
     pub fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
         let w = |b: [u8; 4]| {
@@ -607,6 +721,27 @@ mod tests {
         let ip = pkt::parse_ipv4(&f).unwrap();
         assert!(ip.header_ok);
         assert_eq!(inet_checksum(ip.payload, 0), 0);
+        let t = pkt::Tcp {
+            sport: 1,
+            dport: 2,
+            seq: 3,
+            ack: 4,
+            flags: pkt::TCP_SYN,
+            window: 5,
+        };
+        let seg = pkt::tcp([10, 0, 0, 1], [10, 0, 0, 2], &t, &[1, 3, 3, 7], b"xy");
+        assert_eq!(
+            inet_checksum(
+                &seg,
+                pkt::pseudo_sum([10, 0, 0, 1], [10, 0, 0, 2], 6, seg.len() as u16)
+            ),
+            0
+        );
+        let (p, off, ws) = pkt::parse_tcp(&seg).unwrap();
+        assert_eq!(
+            (p.seq, p.ack, p.flags, off, ws),
+            (3, 4, pkt::TCP_SYN, 24, Some(7))
+        );
         let u = pkt::udp([10, 0, 0, 1], [10, 0, 0, 2], 5, 6, b"hello");
         assert_eq!(
             inet_checksum(
