@@ -135,6 +135,7 @@ fn parse_net(spec: &str, index: usize) -> Result<crate::config::NetConfig, Strin
         num_queues: None,
         mtu: None,
         socket: None,
+        pci_slot: None,
     };
     for part in spec.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
@@ -152,6 +153,9 @@ fn parse_net(spec: &str, index: usize) -> Result<crate::config::NetConfig, Strin
                 )
             }
             "mtu" => n.mtu = Some(v.parse().map_err(|_| format!("mtu={v} is not a number"))?),
+            "slot" => {
+                n.pci_slot = Some(v.parse().map_err(|_| format!("slot={v} is not a number"))?)
+            }
             _ => return Err(format!("unknown key `{k}`")),
         }
     }
@@ -173,6 +177,7 @@ fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, S
         cache: DriveCache::Writeback,
         serial: None,
         interface: DriveInterface::VirtioBlk,
+        pci_slot: None,
     };
     let on = |k: &str, v: &str| match v {
         "on" | "true" | "1" => Ok(true),
@@ -203,6 +208,9 @@ fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, S
                 )
             }
             "serial" => d.serial = Some(v.into()),
+            "slot" => {
+                d.pci_slot = Some(v.parse().map_err(|_| format!("slot={v} is not a number"))?)
+            }
             "cache" => {
                 d.cache = match v {
                     "writeback" => DriveCache::Writeback,

@@ -183,6 +183,11 @@ pub struct DriveConfig {
     /// virtio-blk (default) or a LUN of the virtio-scsi controller.
     #[serde(default)]
     pub interface: DriveInterface,
+    /// The PCI slot on bus 0 (1-30); default: the next free one. tern
+    /// records the slot each device got, so a snapshot or a migration puts
+    /// it back at the same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_slot: Option<u8>,
 }
 
 /// `network-interfaces`: a virtio-net NIC served by a vhost-user backend: a
@@ -208,6 +213,9 @@ pub struct NetConfig {
     /// An external backend's vhost-user socket (instead of `host_dev_name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// The PCI slot on bus 0 (1-30); default: the next free one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_slot: Option<u8>,
 }
 
 /// Most queue pairs a NIC may have.
@@ -519,11 +527,31 @@ impl VmConfig {
                 }
             }
         }
-        let slots = usize::from(
-            crate::machine::layout::PCI_LAST_DEVICE_SLOT
-                - crate::machine::layout::PCI_FIRST_DEVICE_SLOT
-                + 1,
-        );
+        use crate::machine::layout::{PCI_FIRST_DEVICE_SLOT, PCI_LAST_DEVICE_SLOT};
+        let mut pinned = std::collections::HashSet::new();
+        let pins = self
+            .drives
+            .iter()
+            .map(|d| (d.drive_id.as_str(), d.pci_slot))
+            .chain(
+                self.network_interfaces
+                    .iter()
+                    .map(|n| (n.iface_id.as_str(), n.pci_slot)),
+            );
+        for (id, slot) in pins {
+            let Some(slot) = slot else { continue };
+            if !(PCI_FIRST_DEVICE_SLOT..=PCI_LAST_DEVICE_SLOT).contains(&slot) {
+                return Err(ConfigError::Invalid(format!(
+                    "{id}: pci_slot {slot} is outside {PCI_FIRST_DEVICE_SLOT}-{PCI_LAST_DEVICE_SLOT}"
+                )));
+            }
+            if !pinned.insert(slot) {
+                return Err(ConfigError::Invalid(format!(
+                    "{id}: pci_slot {slot} is given to two devices"
+                )));
+            }
+        }
+        let slots = usize::from(PCI_LAST_DEVICE_SLOT - PCI_FIRST_DEVICE_SLOT + 1);
         self.validate_scsi()?;
         let blk = self
             .drives
@@ -709,6 +737,7 @@ mod tests {
             cache: DriveCache::Writeback,
             serial: None,
             interface: DriveInterface::VirtioScsi,
+            pci_slot: None,
         }
     }
 

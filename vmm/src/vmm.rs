@@ -24,6 +24,7 @@ use crate::kvm::vcpu::{ExitCounters, SharedVcpuFd, Vcpu, VcpuShared};
 use crate::kvm::vm;
 use crate::machine::layout::{
     pci_intx_gsi, MMIO32_END, MMIO32_START, MMIO64_SIZE, PCI_FIRST_DEVICE_SLOT,
+    PCI_LAST_DEVICE_SLOT,
 };
 use crate::machine::q35::acpi::{self, AcpiConfig};
 use crate::machine::{self, layout::HIGH_RAM_START, DeviceInfo};
@@ -106,6 +107,9 @@ pub enum VmmError {
     /// The vhost-user dirty log could not be made.
     #[error(transparent)]
     DirtyLog(#[from] crate::vhost_user::dirty_log::DirtyLogError),
+    /// Every PCI slot is in use.
+    #[error("no free PCI slot on bus 0 (slots {PCI_FIRST_DEVICE_SLOT}-{PCI_LAST_DEVICE_SLOT} are all in use)")]
+    NoFreeSlot,
     /// No room for a BAR.
     #[error("no room for a PCI BAR in the MMIO window: {0:?}")]
     Bar(vm_allocator::Error),
@@ -244,6 +248,14 @@ impl Vmm {
         started: Instant,
     ) -> Result<Self, VmmError> {
         let (machine, virtio, vcpus, control, counters, dirty_log) = built;
+        let mut config = config;
+        record_slots(&mut config, &virtio);
+        {
+            let mut hp = lock(&machine.hotplug);
+            for v in &virtio {
+                hp.set_present(v.slot);
+            }
+        }
         pause::install_kick_handler().map_err(VmmError::Signal)?;
         if paused {
             control.hold();
@@ -561,6 +573,70 @@ fn build_scsi(
     Ok(entry)
 }
 
+/// Writes the slot each device got into its configuration, so snapshots
+/// and migrations (which rebuild the VM from it) put it back there. A
+/// virtio-scsi controller's slot goes on its first LUN's drive.
+pub(crate) fn record_slots(config: &mut VmConfig, virtio: &[VirtioEntry]) {
+    for v in virtio {
+        if let Some(first) = v.luns.first() {
+            if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == first) {
+                d.pci_slot = Some(v.slot);
+            }
+            continue;
+        }
+        if let Some(d) = config.drives.iter_mut().find(|d| d.drive_id == v.id) {
+            d.pci_slot = Some(v.slot);
+        } else if let Some(n) = config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == v.id)
+        {
+            n.pci_slot = Some(v.slot);
+        }
+    }
+}
+
+/// Hands out PCI slots on bus 0: a device's pinned slot, or the lowest
+/// one nobody pinned or took.
+pub(crate) struct SlotPicker {
+    taken: u32,
+}
+
+impl SlotPicker {
+    /// Slots pinned in `config` are reserved for their devices.
+    pub(crate) fn new(config: &VmConfig) -> Self {
+        let mut taken = 0u32;
+        let pins = config
+            .drives
+            .iter()
+            .map(|d| d.pci_slot)
+            .chain(config.network_interfaces.iter().map(|n| n.pci_slot));
+        for slot in pins.flatten() {
+            taken |= 1 << slot;
+        }
+        Self { taken }
+    }
+
+    /// Slots already used by `entries` are taken.
+    pub(crate) fn in_use(entries: &[VirtioEntry]) -> Self {
+        Self {
+            taken: entries.iter().fold(0, |t, e| t | 1 << e.slot),
+        }
+    }
+
+    /// `pinned` (already reserved), or the lowest free slot.
+    pub(crate) fn pick(&mut self, pinned: Option<u8>) -> Result<u8, VmmError> {
+        if let Some(slot) = pinned {
+            return Ok(slot);
+        }
+        let slot = (PCI_FIRST_DEVICE_SLOT..=PCI_LAST_DEVICE_SLOT)
+            .find(|s| self.taken & (1 << s) == 0)
+            .ok_or(VmmError::NoFreeSlot)?;
+        self.taken |= 1 << slot;
+        Ok(slot)
+    }
+}
+
 /// Starts (or connects to) each drive's and NIC's backend and puts a
 /// virtio-blk or virtio-net function for it on the PCI bus: virtio-blk
 /// drives first (a root drive in slot 1), then the virtio-scsi controller
@@ -573,8 +649,9 @@ fn build_drives(
     let mut bars =
         AddressAllocator::new(MMIO32_START, MMIO32_END - MMIO32_START).map_err(VmmError::Bar)?;
     let mut entries = Vec::new();
-    for (i, d) in ordered_drives(config).into_iter().enumerate() {
-        let slot = PCI_FIRST_DEVICE_SLOT + i as u8;
+    let mut slots = SlotPicker::new(config);
+    for d in ordered_drives(config) {
+        let slot = slots.pick(d.pci_slot)?;
         // A managed backend serves what the drive asks (default 1); an
         // external one says itself how many queues it has.
         let queues = match (&d.socket, d.num_queues) {
@@ -646,12 +723,11 @@ fn build_drives(
     }
     let scsi = config.scsi_drives();
     if !scsi.is_empty() {
-        let slot = PCI_FIRST_DEVICE_SLOT + entries.len() as u8;
+        let slot = slots.pick(scsi.first().and_then(|d| d.pci_slot))?;
         entries.push(build_scsi(config, &scsi, slot, &mut bars, env, machine)?);
     }
-    let first_net_slot = PCI_FIRST_DEVICE_SLOT + entries.len() as u8;
-    for (i, n) in config.network_interfaces.iter().enumerate() {
-        let slot = first_net_slot + i as u8;
+    for n in &config.network_interfaces {
+        let slot = slots.pick(n.pci_slot)?;
         let pairs = usize::from(n.num_queues.unwrap_or(1));
         let (socket, process) = match (&n.socket, &n.host_dev_name) {
             (Some(s), _) => (s.clone(), None),

@@ -54,6 +54,8 @@ pub struct AcpiPm {
     gpe0_en: [u8; GPE0_HALF as usize],
     start: Instant,
     exit: ExitSender,
+    /// The SCI (an irqfd on ISA IRQ 9), raised when an enabled GPE fires.
+    sci: Option<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl AcpiPm {
@@ -67,6 +69,36 @@ impl AcpiPm {
             gpe0_en: [0; GPE0_HALF as usize],
             start: Instant::now(),
             exit,
+            sci: None,
+        }
+    }
+
+    /// Wires the SCI.
+    pub fn set_sci(&mut self, sci: vmm_sys_util::eventfd::EventFd) {
+        self.sci = Some(sci);
+    }
+
+    /// Sets general-purpose event `bit`'s status and, if the OS enabled
+    /// it, raises the SCI.
+    pub fn raise_gpe(&mut self, bit: u8) {
+        let (byte, mask) = (usize::from(bit / 8), 1u8 << (bit % 8));
+        if let Some(s) = self.gpe0_sts.get_mut(byte) {
+            *s |= mask;
+        }
+        self.signal_sci();
+    }
+
+    /// Raises the SCI if any enabled GPE is pending.
+    fn signal_sci(&self) {
+        let pending = self
+            .gpe0_sts
+            .iter()
+            .zip(&self.gpe0_en)
+            .any(|(s, e)| s & e != 0);
+        if pending {
+            if let Some(sci) = &self.sci {
+                let _ = sci.write(1);
+            }
         }
     }
 
@@ -166,6 +198,8 @@ impl BusDevice for AcpiPm {
                         self.gpe0_en[(at - GPE0_HALF) as usize] = b;
                     }
                 }
+                // An event that was waiting for its enable bit fires now.
+                self.signal_sci();
             }
             _ => {}
         }

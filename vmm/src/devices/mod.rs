@@ -5,6 +5,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pci_hotplug;
 pub mod reset_control;
 pub mod rtc;
 pub mod serial;

@@ -13,6 +13,7 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::I8042;
+use crate::devices::pci_hotplug::PciHotplug;
 use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialDevice, SerialOut, SharedSerial};
@@ -121,6 +122,10 @@ pub struct Machine {
     pub rtc: Arc<Mutex<Rtc>>,
     /// The ACPI PM block (snapshots).
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    /// The PCI hot plug registers.
+    pub hotplug: Arc<Mutex<PciHotplug>>,
+    /// Signalled when the guest ejects a hot-plugged device.
+    pub eject_evt: EventFd,
     /// Every device, for `GET /devices`.
     pub devices: Vec<DeviceInfo>,
 }
@@ -152,11 +157,23 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
     let rtc = Arc::new(Mutex::new(Rtc::new()));
     pio.insert(rtc.clone(), u64::from(RTC_PORT), 2)?;
     pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1)?;
-    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
+    let mut pm = AcpiPm::new(exit.clone());
+    pm.set_sci(irq_line(vm, ACPI_SCI_IRQ)?);
+    let acpi_pm = Arc::new(Mutex::new(pm));
     pio.insert(
         acpi_pm.clone(),
         u64::from(ACPI_PM_BASE),
         u64::from(ACPI_PM_SIZE),
+    )?;
+    let eject_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+    let hotplug = Arc::new(Mutex::new(PciHotplug::new(
+        acpi_pm.clone(),
+        eject_evt.try_clone().map_err(MachineError::EventFd)?,
+    )));
+    pio.insert(
+        hotplug.clone(),
+        u64::from(PCI_HOTPLUG_PORT),
+        u64::from(PCI_HOTPLUG_LEN),
     )?;
     pio.insert(
         Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
@@ -206,6 +223,7 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         DeviceInfo::port("pci-config", "pci-config-io", PCI_CONFIG_ADDRESS_PORT),
         DeviceInfo::port("reset", "reset-control", RESET_CONTROL_PORT),
         DeviceInfo::port("debug-exit", "isa-debug-exit", DEBUG_EXIT_PORT),
+        DeviceInfo::port("pci-hotplug", "acpi-pci-hotplug", PCI_HOTPLUG_PORT),
     ];
     Ok(Machine {
         pio: Arc::new(pio),
@@ -215,6 +233,8 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         i8042,
         rtc,
         acpi_pm,
+        hotplug,
+        eject_evt,
         devices,
     })
 }

@@ -22,7 +22,7 @@ pub use send::{send, Outcome, SendParams};
 pub use stream::{MigrationUrl, Stream};
 
 /// Where a migration stands, as `GET /migration` reports it.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MigrationStatus {
     /// `source` or `destination` (empty: no migration yet).
     pub role: &'static str,
@@ -51,6 +51,25 @@ pub struct MigrationStatus {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl Default for MigrationStatus {
+    /// No migration yet.
+    fn default() -> Self {
+        Self {
+            role: "",
+            status: "none",
+            round: 0,
+            bytes_sent: 0,
+            bytes_remaining: 0,
+            dirty_rate_mbps: 0.0,
+            bandwidth_mbps: 0.0,
+            throttle_percent: 0,
+            total_time_ms: None,
+            downtime_ms: None,
+            error: None,
+        }
+    }
 }
 
 /// Shared between a migration thread and the VMM thread.

@@ -95,10 +95,10 @@ pub enum ProtocolError {
     #[error("migration stream: {0}")]
     Io(#[from] std::io::Error),
     /// A frame could not be encoded.
-    #[error("migration stream: cannot encode a frame: {0}")]
+    #[error("migration stream: cannot send a frame: {}", encode_text(.0))]
     Encode(#[from] bincode::error::EncodeError),
     /// A frame could not be decoded (truncated, corrupt or not a tern stream).
-    #[error("migration stream: bad frame: {0}")]
+    #[error("migration stream: bad frame: {}", decode_text(.0))]
     Decode(#[from] bincode::error::DecodeError),
     /// A payload's checksum does not match.
     #[error(
@@ -126,6 +126,22 @@ pub enum ProtocolError {
 fn owned_bytes<'de, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'a, [u8]>, D::Error> {
     let v: serde_bytes::ByteBuf = serde::Deserialize::deserialize(d)?;
     Ok(Cow::Owned(v.into_vec()))
+}
+
+/// bincode's errors as plain text: an I/O error by its message.
+fn encode_text(e: &bincode::error::EncodeError) -> String {
+    match e {
+        bincode::error::EncodeError::Io { inner, .. } => inner.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn decode_text(e: &bincode::error::DecodeError) -> String {
+    match e {
+        bincode::error::DecodeError::Io { inner, .. } => inner.to_string(),
+        bincode::error::DecodeError::UnexpectedEnd { .. } => "the stream ended early".into(),
+        other => other.to_string(),
+    }
 }
 
 fn config() -> impl bincode::config::Config {

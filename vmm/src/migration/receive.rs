@@ -89,7 +89,12 @@ pub fn receive(
     match &result {
         Ok(_) => shared.update(|s| s.status = "completed"),
         Err(e) => {
-            let msg = e.to_string();
+            // A cancel breaks the connection: say so, not the I/O error.
+            let msg = if shared.cancelled() {
+                MigrationError::Cancelled.to_string()
+            } else {
+                e.to_string()
+            };
             let cancelled = shared.cancelled();
             shared.update(|s| {
                 s.status = if cancelled { "cancelled" } else { "failed" };

@@ -263,7 +263,12 @@ pub fn send(
             } else {
                 "failed"
             };
-            let msg = e.to_string();
+            // A cancel breaks the connection: say so, not the I/O error.
+            let msg = if shared.cancelled() {
+                MigrationError::Cancelled.to_string()
+            } else {
+                e.to_string()
+            };
             shared.update(|s| {
                 s.status = status;
                 s.error = Some(msg);

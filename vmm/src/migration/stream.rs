@@ -159,6 +159,11 @@ impl ListenSocket {
     pub fn bind(url: &MigrationUrl) -> Result<Self, MigrationError> {
         Ok(match url {
             MigrationUrl::Unix(p) => {
+                // A socket file nobody listens on (left by a destination that
+                // was killed) is stale: replace it. A live one is an error.
+                if p.exists() && UnixStream::connect(p).is_err() {
+                    let _ = std::fs::remove_file(p);
+                }
                 Self::Unix(UnixListener::bind(p).map_err(os("bind"))?, p.clone())
             }
             MigrationUrl::Tcp(a) => Self::Tcp(TcpListener::bind(a).map_err(os("bind"))?),
