@@ -70,7 +70,7 @@ int snap_parse_key(const char *k, size_t kn, const char *v, size_t vn)
 		else
 			so.dirty_span = (uint32_t)m;
 	} else if (word_eq(k, kn, "snapblk") || word_eq(k, kn, "netserve")) {
-		if (m < 0 || m > 1)
+		if (m < 0 || m > (word_eq(k, kn, "snapblk") ? 2 : 1))
 			check_fail("bad %s value", word_eq(k, kn, "snapblk") ? "snapblk=" : "netserve=");
 		else if (word_eq(k, kn, "snapblk"))
 			so.blk = (int)m;
@@ -301,7 +301,7 @@ void snap_beat(uint32_t n)
 		if (dirty_next >= so.dirty_span)
 			dirty_next = 0;
 	}
-	if (so.blk)
+	if (so.blk == 1)
 		snapblk_beat(n);
 	kprintf("HEARTBEAT %u", n);
 	if (pattern_filled && so.check_every && n % so.check_every == 0) {
