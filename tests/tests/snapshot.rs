@@ -728,3 +728,35 @@ fn a_full_disk_fails_the_snapshot_cleanly_and_keeps_the_previous_one() {
     assert!(after[0].n <= 4, "{after:?}");
     r.kill();
 }
+
+#[test]
+#[ignore = "vmm bug: check_memory_file enforces the memory file's tag only for Full snapshots, so a Diff state loads over the unmerged base (inconsistent memory) or over the bare diff file (triple fault)"]
+fn a_diff_state_is_refused_with_an_unmerged_memory_file() {
+    let dir = Scratch::new("snap-diffbad");
+    let (base_state, base_mem) = (dir.path("base.state"), dir.path("base.mem"));
+    let (diff_state, diff_mem) = (dir.path("diff.state"), dir.path("diff.mem"));
+    let mut vm = boot(
+        &dir,
+        "orig",
+        None,
+        serde_json::json!({ "vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true }),
+        &[],
+        "action=heartbeat period=50 memdirty=4",
+    );
+    vm.wait_beat(2, T);
+    pause_and_snapshot(&vm, "Full", &base_state, &base_mem);
+    vm.resume();
+    vm.wait_more_beats(2, T);
+    pause_and_snapshot(&vm, "Diff", &diff_state, &diff_mem);
+    vm.kill();
+    let t = Vm::start(Some(&dir.path("t.sock")), &[]);
+    for mem in [&base_mem, &diff_mem] {
+        let msg = t.refused(
+            "PUT",
+            "/snapshot/load",
+            Some(&Vm::load_body(&diff_state, mem, true).to_string()),
+        );
+        assert!(msg.contains("diff") || msg.contains("merge"), "{msg}");
+        assert_eq!(t.expect("GET", "/", None, 200)["state"], "Not started");
+    }
+}
