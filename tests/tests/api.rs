@@ -767,13 +767,9 @@ fn drives_through_the_api_and_a_backend_killed_during_io() {
     );
     assert_eq!(find(&devices, "ext")["pci_address"], "0000:00:02.0");
     assert_eq!(find(&devices, "ext")["state"], "attached");
-    t.refused(
-        "PUT",
-        "/drives/late",
-        Some(&d1),
-        400,
-        "after the VM started",
-    );
+    // An existing drive cannot be changed on a running VM (a new id would
+    // be hot plugged).
+    t.refused("PUT", "/drives/ext", Some(&d1), 400, "cannot be changed");
 
     // Kill the external backend while the guest is doing I/O on the disks.
     t.wait_for(

@@ -645,7 +645,7 @@ fn api_managed_controller_next_to_a_blk_drive() {
     t.refused(
         "/drives/late",
         &serde_json::json!({ "path_on_host": a, "interface": "virtio-scsi" }),
-        "after the VM started",
+        "cannot be added to a running VM",
     );
     assert_eq!(t.call("GET", "/", None, 200)["state"], "Running");
 }

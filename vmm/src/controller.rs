@@ -45,6 +45,8 @@ pub struct Controller {
     /// something to collect.
     jobs_evt: vmm_sys_util::eventfd::EventFd,
     dirty_rate: DirtyRate,
+    /// The eject eventfd being watched, once there is a VM.
+    eject_watch: Option<std::os::fd::RawFd>,
     exit_tx: ExitSender,
     exits: ExitReceiver,
     inbox: Option<ApiInbox>,
@@ -80,6 +82,7 @@ impl Controller {
             migration: None,
             jobs_evt: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
             dirty_rate: DirtyRate::default(),
+            eject_watch: None,
             exit_tx,
             exits,
             inbox,
@@ -302,6 +305,24 @@ impl Controller {
         Ok(ApiResponse::NoContent)
     }
 
+    /// Watches the VM's hot plug eject eventfd once there is a VM (booted,
+    /// restored or received after the loop started, so from `process`).
+    fn watch_ejects(&mut self, ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        let Some(v) = &self.vmm else { return };
+        let fd = v.machine.eject_evt.as_raw_fd();
+        if self.eject_watch == Some(fd) {
+            return;
+        }
+        if let Some(old) = self.eject_watch.take() {
+            let _ = ops.remove(Events::new_raw(old, EventSet::IN));
+        }
+        match ops.add(Events::new_raw(fd, EventSet::IN)) {
+            Ok(()) => self.eject_watch = Some(fd),
+            Err(e) => log::error!("cannot watch the hot plug eject eventfd: {e:?}"),
+        }
+    }
+
     /// Collects what migration threads and timers finished.
     fn on_jobs_event(&mut self) {
         let _ = self.jobs_evt.read();
@@ -386,6 +407,22 @@ impl Controller {
                 self.pending.machine_config = merged;
             }
             ApiRequest::PutBootSource(b) => self.pending.boot_source = Some(b),
+            ApiRequest::DeleteDrive(id) => {
+                let before = self.pending.drives.len();
+                self.pending.drives.retain(|d| d.drive_id != id);
+                if self.pending.drives.len() == before {
+                    return Err(ApiError::bad_request(format!("drives: no drive {id}")));
+                }
+            }
+            ApiRequest::DeleteNetworkInterface(id) => {
+                let before = self.pending.network_interfaces.len();
+                self.pending.network_interfaces.retain(|n| n.iface_id != id);
+                if self.pending.network_interfaces.len() == before {
+                    return Err(ApiError::bad_request(format!(
+                        "network-interfaces: no network interface {id}"
+                    )));
+                }
+            }
             ApiRequest::PutNetworkInterface(n) => {
                 let mut next = self.pending.clone();
                 next.upsert_net(n);
@@ -483,17 +520,18 @@ fn handle_runtime(vmm: &mut Vmm, request: ApiRequest) -> Result<ApiResponse, Api
             ))
         }
         ApiRequest::PutDrive(d) => {
-            return Err(ApiError::bad_request(format!(
-                "drives: {} cannot be added or changed after the VM started (hot plug is not supported yet)",
-                d.drive_id
-            )))
+            let id = d.drive_id.clone();
+            vmm.hotplug_drive(d)
+                .map_err(|e| ApiError::bad_request(format!("drives: {id}: {e}")))?
         }
         ApiRequest::PutNetworkInterface(n) => {
-            return Err(ApiError::bad_request(format!(
-                "network-interfaces: {} cannot be added or changed after the VM started (hot plug is not supported yet)",
-                n.iface_id
-            )))
+            let id = n.iface_id.clone();
+            vmm.hotplug_net(n)
+                .map_err(|e| ApiError::bad_request(format!("network-interfaces: {id}: {e}")))?
         }
+        ApiRequest::DeleteDrive(id) | ApiRequest::DeleteNetworkInterface(id) => vmm
+            .request_unplug(&id)
+            .map_err(|e| ApiError::bad_request(format!("{id}: {e}")))?,
         ApiRequest::Action(ActionType::InstanceStart) => {
             return Err(ApiError::bad_request(
                 "InstanceStart: the VM is already started",
@@ -523,10 +561,15 @@ fn handle_runtime(vmm: &mut Vmm, request: ApiRequest) -> Result<ApiResponse, Api
 }
 
 impl MutEventSubscriber for Controller {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         use std::os::fd::AsRawFd;
         if events.fd() == self.exits.event.as_raw_fd() {
             self.on_exit_event();
+        } else if self.eject_watch == Some(events.fd()) {
+            if let Some(v) = self.vmm.as_mut() {
+                let _ = v.machine.eject_evt.read();
+                v.complete_ejects();
+            }
         } else if events.fd() == self.jobs_evt.as_raw_fd() {
             self.on_jobs_event();
         } else if self
@@ -536,9 +579,11 @@ impl MutEventSubscriber for Controller {
         {
             self.on_api_event();
         }
+        self.watch_ejects(ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        self.watch_ejects(ops);
         if let Err(e) = ops.add(Events::new(&self.exits.event, EventSet::IN)) {
             log::error!("cannot watch the exit eventfd: {e:?}");
         }

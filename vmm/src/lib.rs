@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod devices;
 pub mod exit;
+pub mod hotplug;
 pub mod kvm;
 pub mod logger;
 pub mod machine;

@@ -173,6 +173,8 @@ pub struct VirtioEntry {
     /// A virtio-scsi controller's LUNs (drive ids, LUN 0 first); empty for
     /// other devices.
     pub luns: Vec<String>,
+    /// The guest was asked to let go of it (hot unplug under way).
+    pub unplugging: bool,
 }
 
 /// A VM whose vCPUs are running (or paused).
@@ -197,6 +199,10 @@ pub struct Vmm {
     pub(crate) dirty_log: Option<Arc<DirtyLog>>,
     /// Dirty pages read but not yet sent (a migration's last pre-copy round).
     pub(crate) pending_dirty: Option<Vec<Vec<u64>>>,
+    /// What a hot-plugged virtio-pci function needs from the VM.
+    pub(crate) pci_env: PciEnv,
+    /// The devices the reconnector thread watches.
+    pub(crate) watched: Watched,
     pub(crate) _raw_terminal: Option<RawTerminal>,
 }
 
@@ -247,7 +253,7 @@ impl Vmm {
         paused: bool,
         started: Instant,
     ) -> Result<Self, VmmError> {
-        let (machine, virtio, vcpus, control, counters, dirty_log) = built;
+        let (machine, virtio, vcpus, control, counters, dirty_log, pci_env) = built;
         let mut config = config;
         record_slots(&mut config, &virtio);
         {
@@ -277,7 +283,7 @@ impl Vmm {
             // Returns once every vCPU has parked before its first run.
             control.pause(&vcpu_threads)?;
         }
-        spawn_reconnector(&virtio);
+        let watched = spawn_reconnector(&virtio);
         let boot_duration = started.elapsed();
         log::debug!("VM built and started in {boot_duration:?}");
         Ok(Self {
@@ -295,6 +301,8 @@ impl Vmm {
             ram,
             dirty_log,
             pending_dirty: None,
+            pci_env,
+            watched,
             _raw_terminal: raw_terminal,
         })
     }
@@ -345,7 +353,11 @@ impl Vmm {
                 pci_address: Some(format!("0000:00:{:02x}.0", v.slot)),
                 io_port: None,
                 mmio_address: None,
-                state: dev.state(),
+                state: if v.unplugging {
+                    "unplugging"
+                } else {
+                    dev.state()
+                },
                 backend: dev.backend(),
                 backend_pid: dev.backend_pid().or(v.backend_pid),
                 luns: (!v.luns.is_empty()).then(|| v.luns.clone()),
@@ -384,6 +396,7 @@ pub(crate) type Built = (
     Arc<VcpuControl>,
     Arc<ExitCounters>,
     Option<Arc<DirtyLog>>,
+    PciEnv,
 );
 
 /// How often devices whose backend went away look for a new one.
@@ -392,25 +405,36 @@ const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 /// Watches the vhost-user devices: one whose backend went away reconnects
 /// when a backend listens on its socket again (a restarted external
 /// backend), and its queues resume where the guest left them.
-fn spawn_reconnector(virtio: &[VirtioEntry]) {
-    if virtio.is_empty() {
-        return;
-    }
-    let devices: Vec<std::sync::Weak<Mutex<VirtioPciDevice>>> =
-        virtio.iter().map(|v| Arc::downgrade(&v.device)).collect();
+fn spawn_reconnector(virtio: &[VirtioEntry]) -> Watched {
+    let watched: Watched = Arc::new(Mutex::new(
+        virtio.iter().map(|v| Arc::downgrade(&v.device)).collect(),
+    ));
+    let list = Arc::downgrade(&watched);
     let _ = std::thread::Builder::new()
         .name("vhost-reconnect".into())
         .spawn(move || loop {
             std::thread::sleep(RECONNECT_INTERVAL);
-            for d in &devices {
-                let Some(d) = d.upgrade() else { return };
+            // The VM is gone: so is the list.
+            let Some(list) = list.upgrade() else { return };
+            let devices: Vec<_> = {
+                let mut l = lock(&list);
+                // Unplugged devices drop out.
+                l.retain(|d| d.strong_count() > 0);
+                l.iter().filter_map(|d| d.upgrade()).collect()
+            };
+            drop(list);
+            for d in devices {
                 let mut dev = lock(&d);
                 if dev.state() == "disconnected" {
                     dev.try_reconnect();
                 }
             }
         });
+    watched
 }
+
+/// The devices the reconnector watches; hot plug adds to it.
+pub(crate) type Watched = Arc<Mutex<Vec<std::sync::Weak<Mutex<VirtioPciDevice>>>>>;
 
 /// The virtio-blk drives, root device first.
 fn ordered_drives(config: &VmConfig) -> Vec<&DriveConfig> {
@@ -444,7 +468,7 @@ fn effective_cmdline(config: &VmConfig) -> String {
 
 /// Puts a vhost-user device on bus 0 at `slot`, with a BAR from `bars`.
 #[allow(clippy::too_many_arguments)]
-fn attach(
+pub(crate) fn attach(
     bars: &mut AddressAllocator,
     slot: u8,
     label: &str,
@@ -472,6 +496,7 @@ fn attach(
         device,
         backend_pid,
         luns: Vec::new(),
+        unplugging: false,
     })
 }
 
@@ -573,6 +598,131 @@ fn build_scsi(
     Ok(entry)
 }
 
+/// A drive's virtio-blk device: its managed backend started (or its
+/// external one connected) and the vhost-user connection made.
+pub(crate) fn blk_function(
+    d: &DriveConfig,
+    slot: u8,
+    env: &PciEnv,
+) -> Result<(VhostUserDevice, Option<u32>), VmmError> {
+    // A managed backend serves what the drive asks (default 1); an
+    // external one says itself how many queues it has.
+    let queues = match (&d.socket, d.num_queues) {
+        (_, Some(n)) => usize::from(n),
+        (Some(_), None) => usize::from(crate::config::MAX_DRIVE_QUEUES),
+        (None, None) => 1,
+    };
+    let (socket, process) = match (&d.socket, &d.path_on_host) {
+        (Some(s), _) => (s.clone(), None),
+        (None, Some(path)) => {
+            let mut args = vec![
+                "--image".to_string(),
+                path.display().to_string(),
+                "--format".into(),
+                match d.format {
+                    DriveFormat::Raw => "raw".into(),
+                    DriveFormat::Qcow2 => "qcow2".into(),
+                },
+                "--queues".into(),
+                queues.to_string(),
+                "--serial".into(),
+                d.serial.clone().unwrap_or_else(|| d.drive_id.clone()),
+            ];
+            if d.is_read_only {
+                args.push("--readonly".into());
+            }
+            if d.cache == DriveCache::Direct {
+                args.push("--direct".into());
+            }
+            let p = BackendProcess::start(&backend_binary("tern-blk"), &d.drive_id, &args)
+                .map_err(|err| VmmError::Backend {
+                    drive: format!("drive {}", d.drive_id),
+                    err,
+                })?;
+            (p.socket().to_owned(), Some(p))
+        }
+        (None, None) => {
+            return Err(crate::config::ConfigError::Invalid(format!(
+                "drive {} has no backend",
+                d.drive_id
+            ))
+            .into())
+        }
+    };
+    let backend_pid = process.as_ref().map(BackendProcess::pid);
+    let blk = VhostUserDevice::blk(&socket, queues, &env.mem, process).map_err(|err| {
+        VmmError::VhostUser {
+            drive: format!("drive {}", d.drive_id),
+            err,
+        }
+    })?;
+    log::info!(
+        "drive {}: {} sectors at 00:{slot:02x}.0 via {}",
+        d.drive_id,
+        blk.capacity(),
+        socket.display()
+    );
+    Ok((blk, backend_pid))
+}
+
+/// A NIC's virtio-net device, as [`blk_function`] for drives.
+pub(crate) fn net_function(
+    n: &crate::config::NetConfig,
+    slot: u8,
+    env: &PciEnv,
+) -> Result<(VhostUserDevice, Option<u32>), VmmError> {
+    let pairs = usize::from(n.num_queues.unwrap_or(1));
+    let (socket, process) = match (&n.socket, &n.host_dev_name) {
+        (Some(s), _) => (s.clone(), None),
+        (None, Some(tap)) => {
+            let mut args = vec![
+                "--tap".to_string(),
+                tap.clone(),
+                "--mac".into(),
+                crate::config::format_mac(&n.mac()),
+                "--queues".into(),
+                pairs.to_string(),
+            ];
+            if let Some(mtu) = n.mtu {
+                args.push("--mtu".into());
+                args.push(mtu.to_string());
+            }
+            let p = BackendProcess::start(&backend_binary("tern-net"), &n.iface_id, &args)
+                .map_err(|err| VmmError::Backend {
+                    drive: format!("network interface {}", n.iface_id),
+                    err,
+                })?;
+            (p.socket().to_owned(), Some(p))
+        }
+        (None, None) => {
+            return Err(crate::config::ConfigError::Invalid(format!(
+                "network interface {} has no backend",
+                n.iface_id
+            ))
+            .into())
+        }
+    };
+    let backend_pid = process.as_ref().map(BackendProcess::pid);
+    // rx and tx per pair, and the control queue.
+    let max_queues =
+        2 * usize::from(n.num_queues.unwrap_or(crate::config::MAX_NET_QUEUE_PAIRS)) + 1;
+    let net = VhostUserDevice::net(&socket, max_queues, &env.mem, process).map_err(|err| {
+        VmmError::VhostUser {
+            drive: format!("network interface {}", n.iface_id),
+            err,
+        }
+    })?;
+    log::info!(
+        "network interface {}: mac {} at 00:{slot:02x}.0 via {}",
+        n.iface_id,
+        net.mac()
+            .map(|m| crate::config::format_mac(&m))
+            .unwrap_or_default(),
+        socket.display()
+    );
+    Ok((net, backend_pid))
+}
+
 /// Writes the slot each device got into its configuration, so snapshots
 /// and migrations (which rebuild the VM from it) put it back there. A
 /// virtio-scsi controller's slot goes on its first LUN's drive.
@@ -652,63 +802,7 @@ fn build_drives(
     let mut slots = SlotPicker::new(config);
     for d in ordered_drives(config) {
         let slot = slots.pick(d.pci_slot)?;
-        // A managed backend serves what the drive asks (default 1); an
-        // external one says itself how many queues it has.
-        let queues = match (&d.socket, d.num_queues) {
-            (_, Some(n)) => usize::from(n),
-            (Some(_), None) => usize::from(crate::config::MAX_DRIVE_QUEUES),
-            (None, None) => 1,
-        };
-        let (socket, process) = match (&d.socket, &d.path_on_host) {
-            (Some(s), _) => (s.clone(), None),
-            (None, Some(path)) => {
-                let mut args = vec![
-                    "--image".to_string(),
-                    path.display().to_string(),
-                    "--format".into(),
-                    match d.format {
-                        DriveFormat::Raw => "raw".into(),
-                        DriveFormat::Qcow2 => "qcow2".into(),
-                    },
-                    "--queues".into(),
-                    queues.to_string(),
-                    "--serial".into(),
-                    d.serial.clone().unwrap_or_else(|| d.drive_id.clone()),
-                ];
-                if d.is_read_only {
-                    args.push("--readonly".into());
-                }
-                if d.cache == DriveCache::Direct {
-                    args.push("--direct".into());
-                }
-                let p = BackendProcess::start(&backend_binary("tern-blk"), &d.drive_id, &args)
-                    .map_err(|err| VmmError::Backend {
-                        drive: format!("drive {}", d.drive_id),
-                        err,
-                    })?;
-                (p.socket().to_owned(), Some(p))
-            }
-            (None, None) => {
-                return Err(crate::config::ConfigError::Invalid(format!(
-                    "drive {} has no backend",
-                    d.drive_id
-                ))
-                .into())
-            }
-        };
-        let backend_pid = process.as_ref().map(BackendProcess::pid);
-        let blk = VhostUserDevice::blk(&socket, queues, &env.mem, process).map_err(|err| {
-            VmmError::VhostUser {
-                drive: format!("drive {}", d.drive_id),
-                err,
-            }
-        })?;
-        log::info!(
-            "drive {}: {} sectors at 00:{slot:02x}.0 via {}",
-            d.drive_id,
-            blk.capacity(),
-            socket.display()
-        );
+        let (blk, backend_pid) = blk_function(d, slot, env)?;
         let label = format!("drive {}", d.drive_id);
         entries.push(attach(
             &mut bars,
@@ -728,55 +822,7 @@ fn build_drives(
     }
     for n in &config.network_interfaces {
         let slot = slots.pick(n.pci_slot)?;
-        let pairs = usize::from(n.num_queues.unwrap_or(1));
-        let (socket, process) = match (&n.socket, &n.host_dev_name) {
-            (Some(s), _) => (s.clone(), None),
-            (None, Some(tap)) => {
-                let mut args = vec![
-                    "--tap".to_string(),
-                    tap.clone(),
-                    "--mac".into(),
-                    crate::config::format_mac(&n.mac()),
-                    "--queues".into(),
-                    pairs.to_string(),
-                ];
-                if let Some(mtu) = n.mtu {
-                    args.push("--mtu".into());
-                    args.push(mtu.to_string());
-                }
-                let p = BackendProcess::start(&backend_binary("tern-net"), &n.iface_id, &args)
-                    .map_err(|err| VmmError::Backend {
-                        drive: format!("network interface {}", n.iface_id),
-                        err,
-                    })?;
-                (p.socket().to_owned(), Some(p))
-            }
-            (None, None) => {
-                return Err(crate::config::ConfigError::Invalid(format!(
-                    "network interface {} has no backend",
-                    n.iface_id
-                ))
-                .into())
-            }
-        };
-        let backend_pid = process.as_ref().map(BackendProcess::pid);
-        // rx and tx per pair, and the control queue.
-        let max_queues =
-            2 * usize::from(n.num_queues.unwrap_or(crate::config::MAX_NET_QUEUE_PAIRS)) + 1;
-        let net = VhostUserDevice::net(&socket, max_queues, &env.mem, process).map_err(|err| {
-            VmmError::VhostUser {
-                drive: format!("network interface {}", n.iface_id),
-                err,
-            }
-        })?;
-        log::info!(
-            "network interface {}: mac {} at 00:{slot:02x}.0 via {}",
-            n.iface_id,
-            net.mac()
-                .map(|m| crate::config::format_mac(&m))
-                .unwrap_or_default(),
-            socket.display()
-        );
+        let (net, backend_pid) = net_function(n, slot, env)?;
         let label = format!("network interface {}", n.iface_id);
         entries.push(attach(
             &mut bars,
@@ -885,7 +931,7 @@ pub(crate) fn build_platform(
             shared.clone(),
         )?);
     }
-    Ok((machine, virtio, vcpus, control, counters, dirty_log))
+    Ok((machine, virtio, vcpus, control, counters, dirty_log, env))
 }
 
 #[cfg(test)]

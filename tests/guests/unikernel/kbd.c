@@ -1,6 +1,7 @@
 /* The heartbeat action: a polled i8042 keyboard and a periodic line, so the
  * host can tell the guest is alive and see what the keyboard sent. */
 #include "io.h"
+#include "hotplug.h"
 #include "kbd.h"
 #include "kernel.h"
 #include "power.h"
@@ -119,6 +120,7 @@ void heartbeat(uint32_t period_ms, uint32_t beats, uint8_t exit_value, uint8_t e
 			snap_beat(n);
 		else
 			kprintf("HEARTBEAT %u\n", n);
+		hotplug_beat();
 		if (beats && n >= beats)
 			power_action("exit", exit_value);
 		for (uint32_t ms = 0; ms < period_ms; ms++) {

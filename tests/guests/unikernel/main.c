@@ -15,6 +15,7 @@
 #include "scsi_test.h"
 #include "serial.h"
 #include "smp.h"
+#include "hotplug.h"
 #include "snap.h"
 #include "start_info.h"
 #include "user.h"
@@ -267,6 +268,8 @@ static void parse_cmdline(void)
 				check_fail("bad blkbar= value");
 			else
 				cfg.blk.bar = b;
+		} else if (hotplug_parse_key(w, kn, v, vn)) {
+			/* hotplug */
 		} else if (snap_parse_key(w, kn, v, vn)) {
 			/* mempattern, memcheck, memfillbeat, memdirty, snapblk, netserve */
 		} else if (net_parse_key(w, kn, v, vn)) {

@@ -60,6 +60,10 @@ pub enum ApiRequest {
     PutDirtyRate(crate::migration::dirty_rate::DirtyRateRequest),
     /// `GET /dirty-rate`
     GetDirtyRate,
+    /// `DELETE /drives/{id}` (hot unplug after boot)
+    DeleteDrive(String),
+    /// `DELETE /network-interfaces/{id}` (hot unplug after boot)
+    DeleteNetworkInterface(String),
 }
 
 /// A successful answer.

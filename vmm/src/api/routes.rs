@@ -16,7 +16,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/machine-config"),
     ("PUT", "/boot-source"),
     ("PUT", "/drives/{drive_id}"),
+    ("DELETE", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
+    ("DELETE", "/network-interfaces/{iface_id}"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
@@ -75,6 +77,16 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiErro
         ("PUT", p) if param(p, "/drives/").is_some() => {
             let id = param(p, "/drives/").unwrap_or_default();
             ApiRequest::PutDrive(drives::parse(id, body)?)
+        }
+        ("DELETE", p) if param(p, "/drives/").is_some() => {
+            ApiRequest::DeleteDrive(param(p, "/drives/").unwrap_or_default().to_string())
+        }
+        ("DELETE", p) if param(p, "/network-interfaces/").is_some() => {
+            ApiRequest::DeleteNetworkInterface(
+                param(p, "/network-interfaces/")
+                    .unwrap_or_default()
+                    .to_string(),
+            )
         }
         ("PUT", p) if param(p, "/network-interfaces/").is_some() => {
             let id = param(p, "/network-interfaces/").unwrap_or_default();

@@ -180,6 +180,12 @@ impl PciBus {
         Ok(())
     }
 
+    /// Removes the function at `dev`.`func` (hot unplug); returns whether
+    /// there was one.
+    pub fn remove(&mut self, dev: u8, func: u8) -> bool {
+        self.functions.remove(&devfn(dev, func)).is_some()
+    }
+
     /// A configuration read; absent functions read as all ones, so the
     /// guest sees vendor 0xffff and moves on.
     pub fn read(&self, bus: u8, dev: u8, func: u8, offset: u16, data: &mut [u8]) {

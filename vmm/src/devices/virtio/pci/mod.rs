@@ -323,6 +323,22 @@ impl VirtioPciDevice {
         self.device.backend()
     }
 
+    /// Where BAR 0 is mapped now (the guest may have moved it).
+    pub fn bar(&self) -> u64 {
+        self.bar
+    }
+
+    /// Takes the function off the machine (hot unplug): the backend's rings
+    /// stop, interrupts (irqfds, MSI routes) are released, and BAR 0 and its
+    /// notify ioeventfds are unmapped. The backend itself stops when the
+    /// device is dropped.
+    pub fn detach(&mut self) {
+        self.reset();
+        if let Err(e) = self.map_bar(0) {
+            log::warn!("virtio-pci: unmapping BAR 0: {e}");
+        }
+    }
+
     /// The managed backend's process ID (it changes when a dead backend
     /// is restarted).
     pub fn backend_pid(&self) -> Option<u32> {

@@ -1,0 +1,16 @@
+/* ACPI PCI hot plug, seen the way a guest without an AML interpreter can:
+ * poll the VMM's hot plug registers (PCIU, PCID, B0EJ at 0xae00) at every
+ * heartbeat, report what changed, and eject slots the VMM asks back. */
+#ifndef HOTPLUG_H
+#define HOTPLUG_H
+
+#include <stddef.h>
+
+/* hotplug=1: poll at every beat. Returns 1 if the key was ours. */
+int hotplug_parse_key(const char *k, size_t kn, const char *v, size_t vn);
+/* One poll: prints "HOTPLUG up slot=N vendor=V device=D" for each new
+ * device and, for each removal request, ejects the slot and prints
+ * "HOTPLUG ejected slot=N". */
+void hotplug_beat(void);
+
+#endif

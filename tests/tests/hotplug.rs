@@ -1,0 +1,223 @@
+//! Hot plug and unplug on a running VM (ACPI PCI hot plug): the test
+//! unikernel polls the hot plug registers at every heartbeat (`hotplug=1`),
+//! reports new devices with the PCI IDs it reads from their slot, and ejects
+//! what tern asks back. Real tern, real backends, real /dev/kvm.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::heartbeat::{boot, machine, T};
+use common::vm::{Scratch, Vm};
+use serde_json::{json, Value};
+
+fn devices(vm: &Vm) -> Vec<Value> {
+    vm.expect("GET", "/devices", None, 200)
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn device(vm: &Vm, id: &str) -> Option<Value> {
+    devices(vm).into_iter().find(|d| d["id"] == id)
+}
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn raw(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+}
+
+/// Waits for the guest's `HOTPLUG up slot=N ...` line for `slot`.
+fn wait_up(vm: &Vm, slot: u64, nth: usize) -> String {
+    let want = format!("HOTPLUG up slot={slot} ");
+    vm.wait_until(T, &format!("the guest to see slot {slot} come"), || {
+        vm.lines().iter().filter(|l| l.starts_with(&want)).count() >= nth
+    });
+    vm.lines()
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with(&want))
+        .unwrap_or_default()
+}
+
+fn slot_of(d: &Value) -> u64 {
+    let a = d["pci_address"].as_str().unwrap_or_default();
+    u64::from_str_radix(
+        a.rsplit(':').next().unwrap_or("").trim_end_matches(".0"),
+        16,
+    )
+    .unwrap_or_else(|_| panic!("pci address {a}"))
+}
+
+#[test]
+fn disk_plugged_and_unplugged_is_seen_by_the_guest_and_freed() {
+    let dir = Scratch::new("hp-disk");
+    let img = dir.path("hot.raw");
+    raw(&img, 8);
+    let vm = boot(
+        &dir,
+        "vm",
+        None,
+        machine(64),
+        &[],
+        "action=heartbeat period=20 hotplug=1",
+    );
+    vm.wait_beat(2, T);
+    let pid = vm.pid();
+
+    vm.expect(
+        "PUT",
+        "/drives/hot",
+        Some(&json!({ "path_on_host": img }).to_string()),
+        204,
+    );
+    let d = device(&vm, "hot").expect("the new drive in GET /devices");
+    assert_eq!(d["kind"], "virtio-blk", "{d}");
+    let slot = slot_of(&d);
+    let backend = d["backend_pid"].as_u64().expect("managed backend pid");
+    // The guest reads virtio-blk's PCI IDs (1af4:1042) from the new slot.
+    let line = wait_up(&vm, slot, 1);
+    assert!(
+        line.contains("vendor=1af4 device=1042"),
+        "the guest saw {line}"
+    );
+    let cfg = vm.expect("GET", "/vm/config", None, 200);
+    assert_eq!(cfg["drives"][0]["pci_slot"], slot, "{cfg}");
+
+    vm.expect("DELETE", "/drives/hot", None, 204);
+    vm.wait_until(T, "the guest to eject the slot", || {
+        vm.lines()
+            .iter()
+            .any(|l| l == &format!("HOTPLUG ejected slot={slot}"))
+    });
+    vm.wait_until(T, "the drive to leave GET /devices", || {
+        device(&vm, "hot").is_none()
+    });
+    vm.wait_until(T, "the backend process to exit", || {
+        !Path::new(&format!("/proc/{backend}")).exists()
+    });
+    let cfg = vm.expect("GET", "/vm/config", None, 200);
+    assert!(cfg.get("drives").is_none(), "{cfg}");
+    // The guest keeps running, and the slot can be used again.
+    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
+    vm.wait_beat(before + 3, T);
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[test]
+fn refusals_are_exact_and_change_nothing() {
+    let dir = Scratch::new("hp-refuse");
+    let root = dir.path("root.raw");
+    raw(&root, 8);
+    let vm = boot(
+        &dir,
+        "vm",
+        None,
+        machine(64),
+        &[(
+            "/drives/root",
+            json!({ "path_on_host": root, "is_root_device": true }),
+        )],
+        "action=heartbeat period=20 hotplug=1",
+    );
+    vm.wait_beat(2, T);
+    let before = devices(&vm);
+    let says = |method: &str, path: &str, body: Option<Value>, what: &str| {
+        let msg = vm.refused(method, path, body.map(|b| b.to_string()).as_deref());
+        assert!(
+            msg.contains(what),
+            "{method} {path}: `{msg}` should say `{what}`"
+        );
+    };
+    says("DELETE", "/drives/root", None, "root device");
+    says(
+        "DELETE",
+        "/drives/nope",
+        None,
+        "no drive or network interface nope",
+    );
+    says(
+        "PUT",
+        "/drives/root",
+        Some(json!({ "path_on_host": root })),
+        "cannot be changed",
+    );
+    says(
+        "PUT",
+        "/drives/pinned",
+        Some(json!({ "path_on_host": root, "pci_slot": 1 })),
+        "pci_slot 1",
+    );
+    vm.pause();
+    says(
+        "PUT",
+        "/drives/late",
+        Some(json!({ "path_on_host": root, "is_read_only": true })),
+        "paused",
+    );
+    says("DELETE", "/drives/root", None, "paused");
+    vm.resume();
+    assert_eq!(devices(&vm), before, "refusals leave the VM unchanged");
+}
+
+#[test]
+fn twenty_plug_unplug_cycles_leak_nothing() {
+    let dir = Scratch::new("hp-cycles");
+    let img = dir.path("cycle.raw");
+    raw(&img, 4);
+    let vm = boot(
+        &dir,
+        "vm",
+        None,
+        machine(64),
+        &[],
+        "action=heartbeat period=10 hotplug=1",
+    );
+    vm.wait_beat(2, T);
+    let pid = vm.pid();
+    let fds = || count(&format!("/proc/{pid}/fd"));
+    let threads = || count(&format!("/proc/{pid}/task"));
+    let rss = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // One cycle first, so lazily created things (log threads' buffers,
+    // allocator arenas) exist before counting.
+    let cycle = |i: usize| {
+        vm.expect(
+            "PUT",
+            "/drives/cyc",
+            Some(&json!({ "path_on_host": img }).to_string()),
+            204,
+        );
+        let slot = slot_of(&device(&vm, "cyc").expect("plugged"));
+        wait_up(&vm, slot, i);
+        vm.expect("DELETE", "/drives/cyc", None, 204);
+        vm.wait_until(T, "the unplug", || device(&vm, "cyc").is_none());
+    };
+    cycle(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let (fd0, th0, rss0) = (fds(), threads(), rss());
+    for i in 2..=21 {
+        cycle(i);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (fd1, th1, rss1) = (fds(), threads(), rss());
+    assert_eq!(fd1, fd0, "file descriptors before and after 20 cycles");
+    assert!(th1 <= th0, "threads: {th0} before, {th1} after");
+    assert!(
+        rss1 < rss0 + 4096,
+        "RSS grew from {rss0} kB to {rss1} kB over 20 cycles"
+    );
+    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
+    vm.wait_beat(before + 3, T);
+}
