@@ -50,6 +50,8 @@ frames.
                      program, i.e. target/release/tern-net)
   --json PATH        also write the results as JSON
   --no-mq            skip the 4-queue-pair measurements
+  --case TEXT        only the cases whose key contains TEXT (repeatable;
+                     keys: g2h_udp64_1q, h2g_udp1472_4q, g2h_tcp_tso64k_1q, ...)
 
 Needs root (ip netns, CAP_NET_ADMIN) and iproute2.
 ";
@@ -84,6 +86,8 @@ pub struct Options {
     seconds: u64,
     json: Option<PathBuf>,
     mq: bool,
+    /// Only cases whose key contains one of these.
+    cases: Vec<String>,
 }
 
 /// `tern-bench net ARGS...`.
@@ -103,6 +107,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
         seconds: 5,
         json: None,
         mq: true,
+        cases: Vec::new(),
     };
     let mut tern_net = None;
     while let Some(arg) = it.next() {
@@ -136,6 +141,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
             "--tern-net" => tern_net = Some(PathBuf::from(value()?)),
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--no-mq" => o.mq = false,
+            "--case" => o.cases.push(value()?.to_string_lossy().into_owned()),
             _ => {
                 return Err(format!(
                     "unknown option '{arg}' (see tern-bench net --help)"
@@ -374,11 +380,13 @@ struct Counters {
     rx_bytes: AtomicU64,
     /// Packets the sending end got out.
     tx_packets: AtomicU64,
-    /// TCP over tern-net: go-back-N rounds (3 duplicate ACKs, or 50 ms without
-    /// a new ACK), and the
+    /// TCP over tern-net: go-back-N rounds (3 duplicate ACKs, or 200 ms
+    /// without a new ACK), and the
     /// largest send window seen (bytes).
     tcp_gobacks: AtomicU64,
     tcp_max_window: AtomicU64,
+    /// TCP segments from the sink that arrived on another pair's rx queue.
+    tcp_other_queue: AtomicU64,
 }
 
 /// Sample the counters after the warm-up and after `seconds`, then stop.
@@ -469,6 +477,8 @@ fn tcp_sink(listener: TcpListener, c: Arc<Counters>) -> Result<(), String> {
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
+            // The sender resets the connection once the run is over.
+            Err(_) if c.stop.load(Ordering::Relaxed) => break,
             Err(e) => return Err(format!("tcp sink read: {e}")),
         }
     }
@@ -697,9 +707,11 @@ impl TernNet {
             let res = measure(c.as_ref(), seconds);
             if case.tcp {
                 eprintln!(
-                    "  (tern-net TCP: {} go-back-N rounds, largest window {} KiB)",
+                    "  (tern-net TCP: {} go-back-N rounds, largest window {} KiB, {} segments \
+                     on another pair's queue)",
                     c.tcp_gobacks.load(Ordering::Relaxed),
-                    c.tcp_max_window.load(Ordering::Relaxed) / 1024
+                    c.tcp_max_window.load(Ordering::Relaxed) / 1024,
+                    c.tcp_other_queue.load(Ordering::Relaxed)
                 );
             }
             let outs: Vec<Result<(), String>> = hs
@@ -724,6 +736,10 @@ impl TernNet {
 /// TCP source ports of the driver's connections: fresh ones per run.
 static TCP_RUNS: AtomicU64 = AtomicU64::new(0);
 const TCP_SRC_PORT: u16 = 20000;
+/// Unacknowledged bytes at most, whatever the sink's window says (a fixed
+/// congestion window): sent in one burst, a 30 MiB window overruns the
+/// sink socket's backlog while it copies out, and go-back-N follows.
+const TCP_MAX_FLIGHT: u32 = 4 << 20;
 
 /// Post every rx buffer once (descriptor h = buffer h).
 fn post_rx_once(qd: &mut QueueDriver<'_>, st: &mut PairState) {
@@ -802,8 +818,8 @@ fn tso_push(
 /// One TCP connection from the "guest" (10.88.0.2:ports.0) to the sink
 /// socket (10.88.0.1:ports.1) over tern-net: handshake (MSS 1460, window
 /// scale), then 64 KiB frames with a TSO header (the kernel segments them on
-/// the tap) as far as the receiver's window allows, ACKs read from the rx
-/// queue, go-back-N after 3 duplicate ACKs or 50 ms without progress; RST
+/// the tap) as far as the receiver's window (and TCP_MAX_FLIGHT) allows, ACKs read from the rx
+/// queue, go-back-N after 3 duplicate ACKs or 200 ms without progress; RST
 /// when stopped.
 fn tcp_tso_loop(
     mut rx: QueueDriver<'_>,
@@ -847,6 +863,8 @@ fn tcp_tso_loop(
                             if let Some((t, _, ws)) = pkt::parse_tcp(ip.payload) {
                                 if t.dport == ports.0 && t.sport == ports.1 {
                                     out.push((t, ws));
+                                } else {
+                                    c.tcp_other_queue.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                         }
@@ -910,7 +928,9 @@ fn tcp_tso_loop(
         }
         for (t, ws) in read_acks(&mut rx) {
             if t.flags & pkt::TCP_RST != 0 {
-                return Err("tcp: connection refused (RST)".into());
+                // The sink's socket may not be listening yet: SYN again.
+                next_syn = Instant::now() + Duration::from_millis(20);
+                continue;
             }
             if t.flags & (pkt::TCP_SYN | pkt::TCP_ACK) == pkt::TCP_SYN | pkt::TCP_ACK
                 && t.ack == iss.wrapping_add(1)
@@ -964,6 +984,9 @@ fn tcp_tso_loop(
         let mut progress = false;
         for (t, _) in read_acks(&mut rx) {
             if t.flags & pkt::TCP_RST != 0 {
+                if c.stop.load(Ordering::Relaxed) {
+                    break; // the sink closed first at the end of the run
+                }
                 return Err("tcp: reset by the sink".into());
             }
             if t.flags & pkt::TCP_ACK != 0 {
@@ -974,7 +997,10 @@ fn tcp_tso_loop(
                     }
                     progress = true;
                     dup_acks = 0;
-                } else if t.ack == snd_una && snd_max != snd_una {
+                } else if t.ack == snd_una
+                    && snd_max != snd_una
+                    && u32::from(t.window) << peer_ws == wnd
+                {
                     // The sink got something after a hole: after three, send
                     // again from the hole at once (fast retransmit).
                     dup_acks += 1;
@@ -993,7 +1019,7 @@ fn tcp_tso_loop(
             break;
         }
         let mut sent = false;
-        while !free.is_empty() && snd_nxt.wrapping_sub(snd_una) < wnd {
+        while !free.is_empty() && snd_nxt.wrapping_sub(snd_una) < wnd.min(TCP_MAX_FLIGHT) {
             let k = free.pop().unwrap();
             let hdr = pkt::tcp_partial(
                 GUEST_IP,
@@ -1021,7 +1047,7 @@ fn tcp_tso_loop(
         if sent {
             tx.commit();
         }
-        if snd_max != snd_una && last_progress.elapsed() > Duration::from_millis(50) {
+        if snd_max != snd_una && last_progress.elapsed() > Duration::from_millis(200) {
             snd_nxt = snd_una; // go back N
             last_progress = Instant::now();
             c.tcp_gobacks.fetch_add(1, Ordering::Relaxed);
@@ -1332,6 +1358,13 @@ pub fn run(o: &Options) -> Result<(), String> {
             pairs,
             tcp: true,
         });
+    }
+    if !o.cases.is_empty() {
+        cases.retain(|c| o.cases.iter().any(|k| c.key().contains(k.as_str())));
+        pair_counts.retain(|&p| cases.iter().any(|c| c.pairs == p));
+        if cases.is_empty() {
+            return Err("--case matches no case (see --help)".into());
+        }
     }
     let veth = Veth::start()?;
     let mut rows = Vec::new();
