@@ -730,7 +730,6 @@ fn a_full_disk_fails_the_snapshot_cleanly_and_keeps_the_previous_one() {
 }
 
 #[test]
-#[ignore = "vmm bug: check_memory_file enforces the memory file's tag only for Full snapshots, so a Diff state loads over the unmerged base (inconsistent memory) or over the bare diff file (triple fault)"]
 fn a_diff_state_is_refused_with_an_unmerged_memory_file() {
     let dir = Scratch::new("snap-diffbad");
     let (base_state, base_mem) = (dir.path("base.state"), dir.path("base.mem"));

@@ -89,6 +89,34 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Removes `<target>.tern-tmp-<pid>` files whose tern process is gone.
+fn remove_stale_temps(target: &Path) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.tern-tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A file being written under a temporary name; [`AtomicFile::commit`]
 /// syncs and renames it into place, dropping it uncommitted removes it.
 pub struct AtomicFile {
@@ -99,8 +127,10 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Creates the temporary file for `target`.
+    /// Creates the temporary file for `target`, first removing temporary
+    /// files for the same target left by a tern that died mid-write.
     pub fn create(target: &Path) -> Result<Self, FileError> {
+        remove_stale_temps(target);
         let temp = temp_path(target);
         let file = OpenOptions::new()
             .read(true)

@@ -141,6 +141,42 @@ pub struct SnapshotInfo {
 
 /// The extended attribute naming the snapshot a memory file belongs to.
 const MEM_ID_XATTR: &std::ffi::CStr = c"user.tern.snapshot";
+/// Set (to "diff") on a diff snapshot's own memory file, which holds only
+/// changed pages and must be merged into its base before a load; the merged
+/// base does not carry it.
+const LAYER_XATTR: &std::ffi::CStr = c"user.tern.layer";
+
+/// Marks a memory file as a diff layer (best effort, as the id tag).
+fn mark_diff_layer(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd, NUL-terminated name, value pointer and length of a
+    // live array.
+    unsafe {
+        libc::fsetxattr(
+            f.as_raw_fd(),
+            LAYER_XATTR.as_ptr(),
+            b"diff".as_ptr().cast(),
+            4,
+            0,
+        )
+    };
+}
+
+/// Whether a memory file is marked as an unmerged diff layer.
+fn is_diff_layer(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut v = [0u8; 4];
+    // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
+    let n = unsafe {
+        libc::fgetxattr(
+            f.as_raw_fd(),
+            LAYER_XATTR.as_ptr(),
+            v.as_mut_ptr().cast(),
+            v.len(),
+        )
+    };
+    n == 4 && &v == b"diff"
+}
 
 /// Tags a memory file with its snapshot's id (best effort: file systems
 /// without user xattrs only get the size check).
@@ -329,6 +365,9 @@ impl Vmm {
             _ => memory::write_full(&self.ram, mem_file.file()).map_err(mem_err)?,
         };
         tag_memory_file(mem_file.file(), mem_id);
+        if kind == SnapshotKind::Diff {
+            mark_diff_layer(mem_file.file());
+        }
         mem_file.sync()?;
         let state_file = file::write_state(state_path, &state)?;
         // Memory first: a crash between the two renames leaves a memory file
@@ -401,11 +440,20 @@ pub(crate) fn check_memory_file(
             ),
         });
     }
+    if is_diff_layer(mem) {
+        return Err(SnapshotError::MemoryFile {
+            path: path.to_owned(),
+            why: "this is a diff snapshot's memory layer: merge it into its base first (tern --merge-memory BASE,DIFF...)".into(),
+        });
+    }
     if let Some(tag) = memory_file_tag(mem) {
-        if tag != state.mem_id && state.kind == SnapshotKind::Full {
+        if tag != state.mem_id {
             return Err(SnapshotError::MemoryFile {
                 path: path.to_owned(),
-                why: "memory file belongs to another snapshot".into(),
+                why: match state.kind {
+                    SnapshotKind::Full => "memory file belongs to another snapshot".into(),
+                    SnapshotKind::Diff => "memory file is not this diff snapshot's base with the diff merged in (tern --merge-memory BASE,DIFF...)".into(),
+                },
             });
         }
     }
