@@ -27,6 +27,8 @@ pub enum Method {
     Put,
     /// `PATCH`: update part of a resource.
     Patch,
+    /// `DELETE`: remove a resource.
+    Delete,
 }
 
 impl Method {
@@ -36,6 +38,7 @@ impl Method {
             Method::Get => "GET",
             Method::Put => "PUT",
             Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
         }
     }
 }

@@ -4,7 +4,7 @@ use std::fs;
 use std::io::{self, Read};
 
 use crate::client::{ClientError, Method, Request, Response};
-use crate::Command;
+use crate::{Command, DeviceAction};
 
 /// Why a command failed. [`CliError::exit_code`] gives the process exit status.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +139,24 @@ pub fn request_for(command: &Command, stdin: impl Read) -> Result<Request, CliEr
         Command::Resume => vm_state("Resumed"),
         Command::Start => action("InstanceStart"),
         Command::CtrlAltDel => action("SendCtrlAltDel"),
+        Command::Device { action } => {
+            let collection = |kind: &str| match kind {
+                "net" => "/network-interfaces",
+                _ => "/drives",
+            };
+            match action {
+                DeviceAction::List => Request::new(Method::Get, "/devices"),
+                DeviceAction::Add { kind, id, body } => Request::with_body(
+                    Method::Put,
+                    endpoint_path(&format!("{}/{id}", collection(kind)))?,
+                    load_body(body, stdin)?,
+                ),
+                DeviceAction::Remove { kind, id } => Request::new(
+                    Method::Delete,
+                    endpoint_path(&format!("{}/{id}", collection(kind)))?,
+                ),
+            }
+        }
         Command::DirtyRate { period } => Request::with_body(
             Method::Put,
             "/dirty-rate",
@@ -256,6 +274,37 @@ mod tests {
                 Method::Put,
                 "/actions",
                 Some(r#"{"action_type":"SendCtrlAltDel"}"#),
+            ),
+            (
+                Command::Device {
+                    action: DeviceAction::List,
+                },
+                Method::Get,
+                "/devices",
+                None,
+            ),
+            (
+                Command::Device {
+                    action: DeviceAction::Add {
+                        kind: "net".into(),
+                        id: "eth1".into(),
+                        body: r#"{"host_dev_name":"tap1"}"#.into(),
+                    },
+                },
+                Method::Put,
+                "/network-interfaces/eth1",
+                Some(r#"{"host_dev_name":"tap1"}"#),
+            ),
+            (
+                Command::Device {
+                    action: DeviceAction::Remove {
+                        kind: "drive".into(),
+                        id: "d1".into(),
+                    },
+                },
+                Method::Delete,
+                "/drives/d1",
+                None,
             ),
         ];
         for (command, method, path, body) in cases {

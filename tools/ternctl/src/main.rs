@@ -92,6 +92,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
         period: u64,
     },
+    /// Hot plug, hot unplug or list devices
+    Device {
+        /// What to do
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
     /// GET any endpoint and print its JSON
     Get {
         /// The API path, e.g. machine-config or /vm/config
@@ -112,6 +118,34 @@ pub enum Command {
         /// The body: inline JSON, @FILE, or - for stdin
         #[arg(value_name = "JSON", allow_hyphen_values = true)]
         body: String,
+    },
+}
+
+/// `ternctl device ...`.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAction {
+    /// List the VM's devices (GET /devices)
+    List,
+    /// Add a drive or NIC; after boot it is hot plugged (PUT /drives/ID or
+    /// /network-interfaces/ID)
+    Add {
+        /// `drive` or `net`
+        #[arg(value_parser = ["drive", "net"])]
+        kind: String,
+        /// The drive or interface id
+        id: String,
+        /// The body: inline JSON, @FILE, or - for stdin
+        #[arg(value_name = "JSON", allow_hyphen_values = true)]
+        body: String,
+    },
+    /// Remove a drive or NIC; after boot it is hot unplugged once the guest
+    /// lets go (DELETE /drives/ID or /network-interfaces/ID)
+    Remove {
+        /// `drive` or `net`
+        #[arg(value_parser = ["drive", "net"])]
+        kind: String,
+        /// The drive or interface id
+        id: String,
     },
 }
 
