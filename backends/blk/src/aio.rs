@@ -95,9 +95,9 @@ impl QueueAio {
         self.uring.room()
     }
 
-    /// Requests in flight.
-    pub fn in_flight(&self) -> usize {
-        self.uring.in_flight()
+    /// See [`UringQueue::busy`].
+    pub fn busy(&mut self) -> bool {
+        self.uring.busy()
     }
 
     /// Reset the completion event (completions are then read from the ring).

@@ -210,11 +210,12 @@ impl BlkBackend {
         self.serve_async(vring, q);
     }
 
-    /// Serve the available ring. While requests are in flight the driver's
-    /// notifications (kicks) stay off: the worker looks at the avail ring
-    /// again at each completion anyway, so kicks would only cost the driver
-    /// a syscall and this thread a wakeup. With nothing left in flight they
-    /// are turned back on, re-checking the ring so that a chain added
+    /// Serve the available ring. While the queue is busy (many requests in
+    /// flight, see [`UringQueue::busy`](tern_image::aio::UringQueue::busy))
+    /// the driver's notifications (kicks) stay off: the worker looks at the
+    /// avail ring again at each completion anyway, so kicks would only cost
+    /// the driver a syscall and this thread a wakeup. Otherwise they are
+    /// turned back on, re-checking the ring so that a chain added
     /// meanwhile is not missed.
     fn serve_async(&self, vring: &Vring, q: &mut AioQueue) {
         loop {
@@ -230,7 +231,7 @@ impl BlkBackend {
                 // Resumed by a completion; no need for kicks meanwhile.
                 return;
             }
-            if q.aio.as_ref().is_some_and(|a| a.in_flight() > 0) {
+            if q.aio.as_mut().is_some_and(QueueAio::busy) {
                 // The next completion looks at the ring again.
                 return;
             }

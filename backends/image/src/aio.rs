@@ -84,6 +84,8 @@ pub struct UringQueue<T> {
     unsubmitted: bool,
     /// Reused buffer for reaped CQEs.
     cqes: Vec<(u64, i32)>,
+    /// Most requests in flight since the queue last ran empty.
+    peak: usize,
 }
 
 // SAFETY: the raw pointers in the slots' iovecs point into memory the
@@ -132,6 +134,7 @@ impl<T> UringQueue<T> {
             in_flight: 0,
             unsubmitted: false,
             cqes: Vec::with_capacity(n),
+            peak: 0,
         })
     }
 
@@ -151,6 +154,20 @@ impl<T> UringQueue<T> {
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Whether the queue is busy enough that the caller may leave the
+    /// driver's kicks off and look for new requests at the next completion
+    /// instead: at least half as many requests in flight as at the peak
+    /// since it last ran empty. With fewer (say the one straggler of a
+    /// batch), new requests should not wait for them: take kicks.
+    pub fn busy(&mut self) -> bool {
+        if self.in_flight == 0 {
+            self.peak = 0;
+            return false;
+        }
+        self.peak = self.peak.max(self.in_flight);
+        self.in_flight * 2 >= self.peak
     }
 
     /// Reset the completion eventfd, if one is used (completions are then
@@ -530,6 +547,7 @@ mod tests {
         }
         assert_eq!(q.in_flight(), 0);
         assert_eq!(q.room(), 8);
+        assert!(!q.busy());
         drop(q);
         drop(file);
         let _ = std::fs::remove_file(&path);

@@ -304,10 +304,10 @@ impl ScsiBackend {
         });
     }
 
-    /// Serve the avail ring of a request queue with io_uring. While
-    /// commands are in flight the driver's kicks stay off (each completion
-    /// looks at the ring again); with nothing in flight they are turned
-    /// back on, re-checking the ring so nothing added meanwhile is missed.
+    /// Serve the avail ring of a request queue with io_uring. While the
+    /// ring is busy ([`UringQueue::busy`]) the driver's kicks stay off (each
+    /// completion looks at the ring again); otherwise they are turned back
+    /// on, re-checking the ring so nothing added meanwhile is missed.
     fn serve_async(&self, vring: &Vring, q: &mut AioQueue) {
         loop {
             if !q.notify_off {
@@ -321,7 +321,7 @@ impl ScsiBackend {
             if q.throttled {
                 return;
             }
-            if q.uring.as_ref().is_some_and(|u| u.in_flight() > 0) {
+            if q.uring.as_mut().is_some_and(UringQueue::busy) {
                 return;
             }
             q.notify_off = false;

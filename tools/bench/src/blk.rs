@@ -784,7 +784,20 @@ fn per_run(cases: &[&Case], samples: &[Samples]) -> String {
             .zip(&smp.fio)
             .map(|(t, f)| format!("{:.2}", metric(t, m) / metric(f, m)))
             .collect();
-        let _ = writeln!(s, "  {:<24} {m:<5} {}", case.name, ratios.join(" "));
+        let mut v: Vec<f64> = smp
+            .tern
+            .iter()
+            .zip(&smp.fio)
+            .map(|(t, f)| metric(t, m) / metric(f, m))
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let med = v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "  {:<24} {m:<5} {}   median {med:.2}",
+            case.name,
+            ratios.join(" ")
+        );
     }
     s
 }

@@ -557,12 +557,19 @@ pub fn run(o: &Options) -> Result<(), String> {
             .zip(&smp.fio)
             .map(|(a, b)| format!("{:.2}", f(a) / f(b)))
             .collect();
+        let med = |a: &[Res], b: &[Res]| {
+            let mut v: Vec<f64> = a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect();
+            v.sort_by(|x, y| x.total_cmp(y));
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
         let _ = writeln!(
             t,
-            "  {:<22} scsi/blk {}   blk/fio {}",
+            "  {:<22} scsi/blk {} (median {:.2})   blk/fio {} (median {:.2})",
             case.name,
             sb.join(" "),
-            bf.join(" ")
+            med(&smp.scsi, &smp.blk),
+            bf.join(" "),
+            med(&smp.blk, &smp.fio)
         );
     }
     print!("{t}");
