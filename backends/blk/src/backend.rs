@@ -29,6 +29,7 @@ use crate::config::{BlkConfig, MAX_QUEUE_SIZE};
 use crate::executor::Executor;
 use crate::metrics::Metrics;
 use crate::request::{self, Limits, RequestType};
+use tern_image::aio::AdaptivePoll;
 
 /// Dirty-page bitmap of guest memory: real `VHOST_USER_SET_LOG_BASE` logging.
 pub type MemBitmap = BitmapMmapRegion;
@@ -56,8 +57,11 @@ pub struct BlkBackend {
     aio: Vec<Mutex<AioQueue>>,
 }
 
+/// Most time a queue worker spins for the driver's next request before
+/// sleeping (µs; `TERN_BLK_POLL_US` overrides, 0 disables).
+const POLL_MAX_US: u64 = 200;
+
 /// The asynchronous state of one queue.
-#[derive(Default)]
 struct AioQueue {
     aio: Option<QueueAio>,
     /// The queue's vring, remembered at the first kick (for `stop_vring`).
@@ -66,6 +70,30 @@ struct AioQueue {
     throttled: bool,
     /// Driver notifications are suppressed (requests in flight).
     notify_off: bool,
+    /// Spinning for the driver's next request before sleeping.
+    poll: AdaptivePoll,
+}
+
+impl Default for AioQueue {
+    fn default() -> Self {
+        AioQueue {
+            aio: None,
+            vring: None,
+            throttled: false,
+            notify_off: false,
+            poll: AdaptivePoll::from_env("TERN_BLK_POLL_US", POLL_MAX_US),
+        }
+    }
+}
+
+/// Whether the driver has added chains not yet popped.
+fn avail_pending(mem: &GuestMem, vring: &Vring) -> bool {
+    let mem = mem.memory();
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(&*mem, Ordering::Acquire)
+        .is_ok_and(|i| i.0 != queue.next_avail())
 }
 
 impl BlkBackend {
@@ -207,6 +235,7 @@ impl BlkBackend {
     /// A kick on an io_uring queue (or room again after throttling): start
     /// every available request.
     fn kick_async(&self, vring: &Vring, q: &mut AioQueue) {
+        q.poll.kicked();
         self.serve_async(vring, q);
     }
 
@@ -235,10 +264,16 @@ impl BlkBackend {
                 // The next completion looks at the ring again.
                 return;
             }
+            if q.poll.poll(|| avail_pending(&self.mem, vring)) {
+                continue;
+            }
             q.notify_off = false;
             match vring.enable_notification() {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => {
+                    q.poll.sleeping();
+                    return;
+                }
                 Err(e) => {
                     debug!("cannot enable notifications: {e}");
                     Metrics::add(&self.metrics.queue_errors, 1);

@@ -399,6 +399,83 @@ impl<T> UringQueue<T> {
     }
 }
 
+/// Adaptive polling for the driver's next request, as QEMU's iothreads
+/// do (`poll-max-ns`): before a queue worker turns kicks back on and goes
+/// to sleep, it may spin for a while on the avail ring, which saves the
+/// driver a kick and the worker a wakeup when the driver answers a batch
+/// of completions quickly. The window adapts: a kick that arrives soon
+/// after the worker went to sleep (within the maximum) doubles it (from
+/// 4 µs); one that takes longer than the maximum halves it, so a driver
+/// that is slow (or a host with no CPU to spare) costs no spinning.
+#[derive(Debug)]
+pub struct AdaptivePoll {
+    max_ns: u64,
+    ns: u64,
+    slept_at: Option<std::time::Instant>,
+}
+
+impl AdaptivePoll {
+    /// Polling up to `max_ns` (0: never).
+    pub fn new(max_ns: u64) -> Self {
+        AdaptivePoll {
+            max_ns,
+            ns: 0,
+            slept_at: None,
+        }
+    }
+
+    /// The maximum from environment variable `var` in µs, else `default_us`.
+    pub fn from_env(var: &str, default_us: u64) -> Self {
+        let us = std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default_us);
+        Self::new(us.saturating_mul(1000))
+    }
+
+    /// The current window in ns.
+    pub fn window_ns(&self) -> u64 {
+        self.ns
+    }
+
+    /// Spin up to the current window until `ready()`; returns whether it became ready.
+    pub fn poll(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+        if self.ns == 0 {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            if ready() {
+                return true;
+            }
+            if start.elapsed().as_nanos() as u64 >= self.ns {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The worker turned kicks on and is going to sleep.
+    pub fn sleeping(&mut self) {
+        if self.max_ns > 0 {
+            self.slept_at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// A kick woke the worker: adapt the window to how long it slept.
+    pub fn kicked(&mut self) {
+        let Some(t) = self.slept_at.take() else {
+            return;
+        };
+        let slept = t.elapsed().as_nanos() as u64;
+        if slept > self.max_ns {
+            self.ns /= 2;
+        } else if slept > self.ns {
+            self.ns = (self.ns * 2).clamp(4_000, self.max_ns);
+        }
+    }
+}
+
 /// Drop `n` transferred bytes from the front of `iovecs[*first..]`.
 fn advance(iovecs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
     while n > 0 && *first < iovecs.len() {
@@ -428,6 +505,27 @@ impl<T> Drop for UringQueue<T> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn adaptive_poll_grows_and_shrinks() {
+        let mut p = AdaptivePoll::new(100_000);
+        assert!(!p.poll(|| true), "no window yet");
+        p.sleeping();
+        p.kicked();
+        assert_eq!(p.window_ns(), 4_000, "a quick kick opens the window");
+        p.sleeping();
+        p.kicked();
+        assert_eq!(p.window_ns(), 8_000);
+        assert!(p.poll(|| true));
+        p.sleeping();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        p.kicked();
+        assert_eq!(p.window_ns(), 4_000, "a slow kick halves it");
+        let mut off = AdaptivePoll::new(0);
+        off.sleeping();
+        off.kicked();
+        assert_eq!(off.window_ns(), 0);
+    }
 
     #[test]
     fn advance_over_iovecs() {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, info, warn};
-use tern_image::aio::{Done, Op, UringQueue};
+use tern_image::aio::{AdaptivePoll, Done, Op, UringQueue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -66,8 +66,11 @@ struct InFlight {
     io: AsyncIo,
 }
 
+/// Most time a request queue's worker spins for the driver's next command
+/// before sleeping (µs; `TERN_SCSI_POLL_US` overrides, 0 disables).
+const POLL_MAX_US: u64 = 200;
+
 /// The asynchronous state of one request queue (= one worker thread).
-#[derive(Default)]
 struct AioQueue {
     uring: Option<UringQueue<InFlight>>,
     /// The queue's vring, remembered at the first kick.
@@ -78,6 +81,31 @@ struct AioQueue {
     notify_off: bool,
     /// Reused buffer for reaped commands.
     done: Vec<Done<InFlight>>,
+    /// Spinning for the driver's next command before sleeping.
+    poll: AdaptivePoll,
+}
+
+impl Default for AioQueue {
+    fn default() -> Self {
+        AioQueue {
+            uring: None,
+            vring: None,
+            throttled: false,
+            notify_off: false,
+            done: Vec::new(),
+            poll: AdaptivePoll::from_env("TERN_SCSI_POLL_US", POLL_MAX_US),
+        }
+    }
+}
+
+/// Whether the driver has added chains not yet popped.
+fn avail_pending(mem: &GuestMem, vring: &Vring) -> bool {
+    let mem = mem.memory();
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(&*mem, Ordering::Acquire)
+        .is_ok_and(|i| i.0 != queue.next_avail())
 }
 
 /// The event queue's vring (known after its first kick) and its buffers.
@@ -292,6 +320,7 @@ impl ScsiBackend {
                 if q.vring.is_none() {
                     q.vring = Some(vring.clone());
                 }
+                q.poll.kicked();
                 self.serve_async(vring, &mut q);
                 return;
             }
@@ -324,10 +353,16 @@ impl ScsiBackend {
             if q.uring.as_mut().is_some_and(UringQueue::busy) {
                 return;
             }
+            if q.poll.poll(|| avail_pending(&self.mem, vring)) {
+                continue;
+            }
             q.notify_off = false;
             match vring.enable_notification() {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => {
+                    q.poll.sleeping();
+                    return;
+                }
                 Err(e) => {
                     debug!("cannot enable notifications: {e}");
                     Metrics::add(&self.metrics.queue_errors, 1);
