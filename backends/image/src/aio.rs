@@ -508,17 +508,29 @@ mod tests {
 
     #[test]
     fn adaptive_poll_grows_and_shrinks() {
-        let mut p = AdaptivePoll::new(100_000);
+        let spin = |us| {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_micros(us) {}
+        };
+        let mut p = AdaptivePoll::new(10_000_000);
         assert!(!p.poll(|| true), "no window yet");
         p.sleeping();
         p.kicked();
         assert_eq!(p.window_ns(), 4_000, "a quick kick opens the window");
         p.sleeping();
+        spin(10);
         p.kicked();
-        assert_eq!(p.window_ns(), 8_000);
+        assert_eq!(
+            p.window_ns(),
+            8_000,
+            "a kick just after the window widens it"
+        );
+        p.sleeping();
+        p.kicked();
+        assert_eq!(p.window_ns(), 8_000, "a kick within the window keeps it");
         assert!(p.poll(|| true));
         p.sleeping();
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
         p.kicked();
         assert_eq!(p.window_ns(), 4_000, "a slow kick halves it");
         let mut off = AdaptivePoll::new(0);
