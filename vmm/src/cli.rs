@@ -12,8 +12,8 @@ pub const USAGE: &str = "\
 usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
             [--serial stdout|file:PATH|none] [--cpu-template host|baseline|pvm]
             [--drive SPEC]... [--net SPEC]... [--config-file PATH]
-            [--api-sock PATH] [--id ID]
-       tern --api-sock PATH [--id ID]
+            [--api-sock PATH] [--id ID] [--seccomp-level 0|1|2]
+       tern --api-sock PATH [--id ID] [--seccomp-level 0|1|2]
 
 Boots a microVM on an emulated q35 machine and runs it until the guest powers
 off, resets or writes to the debug-exit port (0x501: status (V << 1) | 1).
@@ -38,6 +38,8 @@ waits for configuration and InstanceStart there.
                         external vhost-user-net backend) instead of tap=
   --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
   --id ID               the VM's id in the API (default tern-<pid>)
+  --seccomp-level N     seccomp filters on every thread and managed backend:
+                        0 off, 1 syscalls only, 2 with arguments (default)
   --help, --version
 ";
 
@@ -87,6 +89,8 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     /// The VM's id.
     pub id: Option<String>,
+    /// How strict the seccomp filters are (docs/security.md).
+    pub seccomp_level: tern_seccomp::Level,
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError>
@@ -224,6 +228,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut kernel: Option<PathBuf> = None;
     let mut initrd: Option<PathBuf> = None;
     let mut cmdline: Option<String> = None;
+    let mut seccomp_level = tern_seccomp::Level::default();
     for (flag, value) in pairs {
         match flag.as_str() {
             "--config-file" => {}
@@ -247,6 +252,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 config.upsert_drive(drive);
             }
             "--id" => id = Some(value),
+            "--seccomp-level" => seccomp_level = parse_num(&flag, &value)?,
             "--kernel" => kernel = Some(value.into()),
             "--initrd" => initrd = Some(value.into()),
             "--cmdline" => cmdline = Some(value),
@@ -289,6 +295,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         boot_now,
         api_sock,
         id,
+        seccomp_level,
     })))
 }
 

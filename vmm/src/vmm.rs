@@ -220,7 +220,10 @@ impl Vmm {
         let serial = machine.serial.clone();
         let _ = std::thread::Builder::new()
             .name("stdin".into())
-            .spawn(move || forward_stdin(serial));
+            .spawn(move || {
+                tern_seccomp::enter_or_exit("vmm");
+                forward_stdin(serial)
+            });
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
         for v in vcpus {
             vcpu_threads.push(v.start()?);
@@ -343,6 +346,7 @@ fn spawn_reconnector(virtio: &[VirtioEntry]) {
     let _ = std::thread::Builder::new()
         .name("vhost-reconnect".into())
         .spawn(move || loop {
+            tern_seccomp::enter_once("vmm");
             std::thread::sleep(RECONNECT_INTERVAL);
             for d in &devices {
                 let Some(d) = d.upgrade() else { return };
