@@ -15,8 +15,8 @@ usage: tern-jailer --id ID --exec-file PATH --uid UID --gid GID
 
 Confines PATH (tern or a backend) and execs it with ARGS in
 <DIR>/<exec name>/<ID>/root (DIR defaults to /srv/jailer): a new mount
-namespace pivoted into that directory, with only /dev/kvm, /dev/net/tun and
-/dev/urandom, the network namespace PATH, cgroups, rlimits, every inherited
+namespace pivoted into that directory, with only /dev/kvm, /dev/net/tun,
+/dev/urandom and /dev/null, the network namespace PATH, cgroups, rlimits, every inherited
 fd but 0, 1 and 2 closed, and uid/gid UID/GID with no capabilities.
 
   --id ID                 the jail's id: 1 to 64 letters, digits or '-'

@@ -175,7 +175,7 @@ impl Cgroups {
         for (file, value) in files {
             let controller = file.split('.').next().unwrap_or_default().to_string();
             let mount = mounts.iter().find(|(_, fs, opts)| match version {
-                CgroupVersion::V1 => fs == "cgroup" && opts.iter().any(|o| *o == controller),
+                CgroupVersion::V1 => fs == "cgroup" && opts.contains(&controller),
                 CgroupVersion::V2 => fs == "cgroup2",
             });
             let Some((mount, _, _)) = mount else {

@@ -7,11 +7,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// The device nodes made in the jail: path, major, minor.
+/// The device nodes made in the jail: path, major, minor. /dev/null is
+/// there because tern starts its managed backends with stdin on it.
 pub const DEVICES: &[(&str, u32, u32)] = &[
     ("dev/kvm", 10, 232),
     ("dev/net/tun", 10, 200),
     ("dev/urandom", 1, 9),
+    ("dev/null", 1, 3),
 ];
 
 /// Why the jail directory could not be made.
@@ -125,7 +127,9 @@ impl JailDir {
         }
     }
 
-    /// Copies the executable `src` into the root as `/<file name>`, mode 0755.
+    /// Puts the executable `src` in the root as `/<file name>`: a hard link
+    /// when it is on the same file system and anyone may read and run it
+    /// (no copy to make: the jail cannot write it), else a copy, mode 0755.
     pub fn copy_in(&self, src: &Path) -> Result<PathBuf, JailDirError> {
         let err = |err| JailDirError::Copy {
             src: src.to_path_buf(),
@@ -135,12 +139,18 @@ impl JailDir {
             .file_name()
             .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
         let dst = self.root.join(name);
+        let world_rx = std::fs::metadata(src)
+            .map(|m| m.permissions().mode() & 0o005 == 0o005)
+            .unwrap_or(false);
+        if world_rx && std::fs::hard_link(src, &dst).is_ok() {
+            return Ok(dst);
+        }
         std::fs::copy(src, &dst).map_err(err)?;
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
         Ok(dst)
     }
 
-    /// Makes /dev/kvm, /dev/net/tun and /dev/urandom, owned by `uid`/`gid`,
+    /// Makes the [`DEVICES`], owned by `uid`/`gid`,
     /// mode 0600, and a private /tmp owned by them; the root itself is
     /// theirs too (for the API socket).
     pub fn populate(&self, uid: u32, gid: u32) -> Result<(), JailDirError> {
