@@ -280,7 +280,7 @@ mod tests {
         let base = "--exec-file /x --uid 1 --gid 1";
         for (extra, want) in [
             ("--id a_b", "invalid id 'a_b'"),
-            ("--id ", "missing required option --id"),
+            ("", "missing required option --id"),
             ("--id a --cgroup pids", "invalid --cgroup 'pids'"),
             ("--id a --cgroup max=1", "invalid --cgroup 'max=1'"),
             (
