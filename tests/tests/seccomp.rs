@@ -99,7 +99,7 @@ fn tern_run(prefix: &[&str], extra: &[&str], cmdline: &str, trigger: &str, level
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    wait(cmd.spawn().expect("spawn tern"), Duration::from_secs(60))
+    wait(cmd.spawn().expect("spawn tern"), Duration::from_secs(40))
 }
 
 /// At levels 2 and 1 the run dies by the violation of `thread` of
