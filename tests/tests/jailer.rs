@@ -584,3 +584,86 @@ fn bad_arguments_are_one_line_errors_leaving_nothing_behind() {
         "the existing jail was changed"
     );
 }
+
+#[test]
+fn daemonized_in_a_new_pid_namespace() {
+    require_kvm();
+    let base = Base::new("pidns");
+    let id = format!("pidns-{}", std::process::id());
+    let tern = tern_bin();
+    let mut cmd = Command::new(jailer_bin());
+    cmd.args([
+        "--id",
+        &id,
+        "--uid",
+        &UID.to_string(),
+        "--gid",
+        &GID.to_string(),
+    ])
+    .arg("--exec-file")
+    .arg(&tern)
+    .arg("--chroot-base-dir")
+    .arg(&base.0)
+    .args(["--daemonize", "--new-pid-ns"])
+    .arg(format!("--bind={UNIKERNEL}:/unikernel.elf"))
+    .args(library_binds(&tern))
+    .args([
+        "--",
+        "--kernel",
+        "/unikernel.elf",
+        "--memory",
+        "64",
+        "--serial",
+        "none",
+        "--cmdline",
+        "action=halt",
+    ]);
+    let run = run_with_deadline(cmd, Duration::from_secs(20));
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "the jailer returns at once: {run}"
+    );
+    let pid_file = base.0.join("tern").join(&id).join("root/tern.pid");
+    let start = Instant::now();
+    let pid: u32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {}",
+            pid_file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Wait for the exec and the boot (the main thread's filter).
+    while status_field(pid, "Seccomp") != "2" && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nspid = status_field(pid, "NSpid");
+    let o = observe(pid);
+    let stdio: Vec<_> = ["0", "1", "2"]
+        .iter()
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    // SAFETY: kill(2) on the pid the jailer reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(
+        nspid.split_whitespace().last(),
+        Some("1"),
+        "pid 1 in its namespace: NSpid {nspid}"
+    );
+    assert!(
+        stdio.iter().all(|f| f == "/dev/null"),
+        "stdio on /dev/null: {stdio:?}"
+    );
+    assert_eq!(o.seccomp, "2", "{o:?}");
+}
