@@ -240,6 +240,10 @@ impl Cgroups {
     /// Enables `controller` in every cgroup.subtree_control from the
     /// hierarchy's root down to `dir`'s parent.
     fn enable_v2(&self, dir: &Path, controller: &str) -> Result<(), CgroupError> {
+        // cgroup.* files are the core interface, not a controller's.
+        if controller == "cgroup" {
+            return Ok(());
+        }
         let ancestors: Vec<&Path> = dir.ancestors().skip(1).collect();
         for a in ancestors.into_iter().rev() {
             let control = a.join("cgroup.subtree_control");
