@@ -30,6 +30,7 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         let json: Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()));
+        require_comments(&path, &json);
         let level2 = compile(&path, &text);
         let level1 = compile(&path, &strip_args(json).to_string());
         for (level, map) in [(2u8, level2), (1u8, level1)] {
@@ -49,6 +50,21 @@ fn compile(path: &Path, json: &str) -> BTreeMap<String, BpfProgram> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .into_iter()
         .collect()
+}
+
+/// Every rule says why the thread needs the syscall.
+fn require_comments(path: &Path, json: &Value) {
+    for (thread, filter) in json.as_object().into_iter().flatten() {
+        for rule in filter["filter"].as_array().into_iter().flatten() {
+            let comment = rule.get("comment").and_then(Value::as_str).unwrap_or("");
+            if comment.trim().is_empty() {
+                panic!(
+                    "{}: thread {thread}: rule {rule} has no comment saying why it is needed",
+                    path.display()
+                );
+            }
+        }
+    }
 }
 
 /// The level-1 form of a filter file: every rule's `args` removed, so each
