@@ -96,6 +96,8 @@ impl Controller {
     pub fn start(&mut self) -> Result<(), VmmError> {
         let vmm = Vmm::boot(&self.pending, &self.exit_tx)?;
         self.vmm = Some(vmm);
+        // The guest runs: from here on this thread handles its exits.
+        tern_seccomp::enter_or_exit("vmm");
         Ok(())
     }
 

@@ -35,6 +35,9 @@ fn fail(msg: impl std::fmt::Display, api: Option<&ApiServer>) -> ExitCode {
 }
 
 fn run(opts: RunOptions) -> ExitCode {
+    if let Err(e) = tern_seccomp::init("tern", opts.seccomp_level) {
+        return fail(e, None);
+    }
     let api = match &opts.api_sock {
         Some(path) => match server::bind(path).and_then(|l| server::start(l, path)) {
             Ok((srv, inbox)) => {

@@ -116,6 +116,11 @@ impl BackendProcess {
             .arg("--socket")
             .arg(&socket)
             .args(args)
+            .args(
+                tern_seccomp::level()
+                    .map(|l| vec!["--seccomp-level".to_string(), l.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -147,6 +152,7 @@ impl BackendProcess {
             let _ = std::thread::Builder::new()
                 .name("backend-log".into())
                 .spawn(move || {
+                    tern_seccomp::enter_or_exit("vmm");
                     for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                         log::info!("{tag}: {line}");
                     }
