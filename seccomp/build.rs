@@ -13,7 +13,7 @@ use seccompiler::{compile_from_json, BpfProgram, TargetArch};
 use serde_json::Value;
 
 /// The binaries that have a filter file, each `<name>.json`.
-const BINARIES: &[&str] = &["tern", "tern-blk", "tern-net"];
+const BINARIES: &[&str] = &["tern", "tern-blk", "tern-net", "tern-scsi"];
 
 fn main() {
     let manifest =
