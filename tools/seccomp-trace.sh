@@ -10,11 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v strace >/dev/null || { echo "seccomp-trace: strace is needed (apt-get install strace)" >&2; exit 1; }
-cargo build -p tern -p tern-blk -p tern-net
-real="$(pwd)/target/debug"
+cargo build -p tern -p tern-blk -p tern-net -p tern-scsi
+real="${CARGO_TARGET_DIR:-$(pwd)/target}/debug"
 work="$(mktemp -d /tmp/tern-seccomp-trace.XXXXXX)"
 mkdir -p "$work/bin" "$work/trace"
-for b in tern tern-blk tern-net; do
+for b in tern tern-blk tern-net tern-scsi; do
 	cat >"$work/bin/$b" <<WRAP
 #!/bin/sh
 exec strace -f -ff -qq -X raw -s 64 -o "$work/trace/$b.\$\$" "$real/$b" --seccomp-level 0 "\$@"

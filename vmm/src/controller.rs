@@ -131,6 +131,8 @@ impl Controller {
             network_overrides: req.network_overrides.clone(),
         };
         self.vmm = Some(Vmm::restore(&src, &opts, &self.exit_tx)?);
+        // The guest runs: from here on this thread handles its exits.
+        tern_seccomp::enter_or_exit("vmm");
         Ok(())
     }
 
@@ -361,6 +363,8 @@ impl Controller {
                 Ok(r) => {
                     if let Ok(vmm) = r {
                         self.vmm = Some(vmm);
+                        // As after a boot: this thread now serves a guest.
+                        tern_seccomp::enter_or_exit("vmm");
                     }
                     self.job = None;
                 }
