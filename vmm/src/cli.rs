@@ -12,8 +12,8 @@ pub const USAGE: &str = "\
 usage: tern --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
             [--serial stdout|file:PATH|none] [--cpu-template host|baseline|pvm]
             [--drive SPEC]... [--net SPEC]... [--config-file PATH]
-            [--api-sock PATH] [--id ID]
-       tern --api-sock PATH [--id ID]
+            [--api-sock PATH] [--id ID] [--seccomp-level 0|1|2]
+       tern --api-sock PATH [--id ID] [--seccomp-level 0|1|2]
        tern --restore STATE,MEM [--serial WHERE] [--api-sock PATH] [--id ID]
        tern --merge-memory BASE,DIFF[,DIFF...]
        tern --migrate-from unix:PATH|tcp:HOST:PORT [--serial WHERE] [--api-sock PATH]
@@ -53,6 +53,8 @@ waits for configuration and InstanceStart there.
                         a full one, in place, and exit
   --api-sock PATH       serve the HTTP API on this Unix socket (mode 0600)
   --id ID               the VM's id in the API (default tern-<pid>)
+  --seccomp-level N     seccomp filters on every thread and managed backend:
+                        0 off, 1 syscalls only, 2 with arguments (default)
   --help, --version
 ";
 
@@ -113,6 +115,8 @@ pub struct RunOptions {
     pub restore: Option<(PathBuf, PathBuf)>,
     /// Wait for an incoming migration on this URL.
     pub migrate_from: Option<String>,
+    /// How strict the seccomp filters are (docs/security.md).
+    pub seccomp_level: tern_seccomp::Level,
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError>
@@ -286,6 +290,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
     let mut cmdline: Option<String> = None;
     let mut restore: Option<(PathBuf, PathBuf)> = None;
     let mut migrate_from: Option<String> = None;
+    let mut seccomp_level = tern_seccomp::Level::default();
     for (flag, value) in pairs {
         match flag.as_str() {
             "--config-file" => {}
@@ -322,6 +327,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 config.upsert_drive(drive);
             }
             "--id" => id = Some(value),
+            "--seccomp-level" => seccomp_level = parse_num(&flag, &value)?,
             "--kernel" => kernel = Some(value.into()),
             "--initrd" => initrd = Some(value.into()),
             "--cmdline" => cmdline = Some(value),
@@ -383,6 +389,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         id,
         restore,
         migrate_from,
+        seccomp_level,
     })))
 }
 

@@ -96,6 +96,8 @@ impl Controller {
     pub fn start(&mut self) -> Result<(), VmmError> {
         let vmm = Vmm::boot(&self.pending, &self.exit_tx)?;
         self.vmm = Some(vmm);
+        // The guest runs: from here on this thread handles its exits.
+        tern_seccomp::enter_or_exit("vmm");
         Ok(())
     }
 
@@ -129,6 +131,8 @@ impl Controller {
             network_overrides: req.network_overrides.clone(),
         };
         self.vmm = Some(Vmm::restore(&src, &opts, &self.exit_tx)?);
+        // The guest runs: from here on this thread handles its exits.
+        tern_seccomp::enter_or_exit("vmm");
         Ok(())
     }
 
@@ -359,6 +363,8 @@ impl Controller {
                 Ok(r) => {
                     if let Ok(vmm) = r {
                         self.vmm = Some(vmm);
+                        // As after a boot: this thread now serves a guest.
+                        tern_seccomp::enter_or_exit("vmm");
                     }
                     self.job = None;
                 }

@@ -35,6 +35,11 @@ fn fail(msg: impl std::fmt::Display, api: Option<&ApiServer>) -> ExitCode {
 }
 
 fn run(opts: RunOptions) -> ExitCode {
+    // Before any thread is confined (see start_launcher).
+    tern::vhost_user::backend_process::start_launcher();
+    if let Err(e) = tern_seccomp::init("tern", opts.seccomp_level) {
+        return fail(e, None);
+    }
     let api = match &opts.api_sock {
         Some(path) => match server::bind(path).and_then(|l| server::start(l, path)) {
             Ok((srv, inbox)) => {

@@ -273,7 +273,10 @@ impl Vmm {
         let serial = machine.serial.clone();
         let _ = std::thread::Builder::new()
             .name("stdin".into())
-            .spawn(move || forward_stdin(serial));
+            .spawn(move || {
+                tern_seccomp::enter_or_exit("vmm");
+                forward_stdin(serial)
+            });
         let vcpu_fds = vcpus.iter().map(|v| v.fd().clone()).collect();
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
         for v in vcpus {
@@ -413,6 +416,7 @@ fn spawn_reconnector(virtio: &[VirtioEntry]) -> Watched {
     let _ = std::thread::Builder::new()
         .name("vhost-reconnect".into())
         .spawn(move || loop {
+            tern_seccomp::enter_once("vmm");
             std::thread::sleep(RECONNECT_INTERVAL);
             // The VM is gone: so is the list.
             let Some(list) = list.upgrade() else { return };

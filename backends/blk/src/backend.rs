@@ -528,6 +528,8 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The queue worker's own, narrower filter, before it reads a queue.
+        tern_seccomp::enter_once("worker");
         if device_event == self.completion_event() {
             self.handle_completions(thread_id);
             return Ok(());

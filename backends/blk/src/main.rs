@@ -97,6 +97,9 @@ struct Args {
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
     log_level: LevelFilter,
+    /// seccomp filters: 0 off, 1 syscalls only, 2 syscalls and arguments.
+    #[arg(long, default_value = "2", value_name = "0|1|2")]
+    seccomp_level: tern_seccomp::Level,
 }
 
 fn parse_level(s: &str) -> Result<LevelFilter, String> {
@@ -142,6 +145,10 @@ enum RunError {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logger("tern-blk", args.log_level);
+    if let Err(e) = tern_seccomp::init("tern-blk", args.seccomp_level) {
+        eprintln!("tern-blk: {e}");
+        return ExitCode::from(2);
+    }
     let setup = match Setup::new(&args) {
         Ok(s) => s,
         Err(e) => {
@@ -149,6 +156,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Every thread so far (main, signals) and every thread started later
+    // (the vhost-user request thread, the queue workers) is filtered.
+    if let Err(e) = tern_seccomp::enter_all_threads("main") {
+        eprintln!("tern-blk: {e}");
+        return ExitCode::from(2);
+    }
     let metrics = setup.metrics.clone();
     let code = match setup.serve() {
         Ok(()) => ExitCode::SUCCESS,

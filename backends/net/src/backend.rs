@@ -524,6 +524,8 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The queue worker's own, narrower filter, before it reads a queue.
+        tern_seccomp::enter_once("worker");
         if device_event == self.tap_event() {
             if let Some(rx) = vrings.first() {
                 self.process_rx(thread_id, rx);

@@ -163,6 +163,9 @@ pub struct Args {
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
     pub log_level: LevelFilter,
+    /// seccomp filters: 0 off, 1 syscalls only, 2 syscalls and arguments.
+    #[arg(long, default_value = "2", value_name = "LEVEL")]
+    pub seccomp_level: tern_seccomp::Level,
 }
 
 fn parse_level(s: &str) -> Result<LevelFilter, String> {

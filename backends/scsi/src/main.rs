@@ -67,6 +67,10 @@ enum RunError {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logger("tern-scsi", args.log_level);
+    if let Err(e) = tern_seccomp::init("tern-scsi", args.seccomp_level) {
+        eprintln!("tern-scsi: {e}");
+        return ExitCode::from(2);
+    }
     let setup = match Setup::new(&args) {
         Ok(s) => s,
         Err(e) => {
@@ -74,6 +78,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Every thread so far (main, signals) and every thread started later
+    // (the vhost-user request thread, the queue workers) is filtered.
+    if let Err(e) = tern_seccomp::enter_all_threads("main") {
+        eprintln!("tern-scsi: {e}");
+        return ExitCode::from(2);
+    }
     let metrics = setup.metrics.clone();
     let code = match setup.serve() {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ use crate::{report, Stats};
 pub const USAGE: &str = "\
 usage: tern-bench api [--requests N] [--clients N] [--tern PATH] [--unikernel PATH]
                       [--json PATH] [--baseline-tern PATH]
+                      [--seccomp-level N] [--jailer]
 
 Times tern's HTTP API on its Unix socket (tern --api-sock, no VM booted):
 N requests of GET / and N of PUT /machine-config over one keep-alive
@@ -32,6 +33,10 @@ connection, then the same spread over --clients concurrent connections; then
   --json PATH            also write the results as JSON
   --baseline-tern PATH   measure another tern too (interleaved) and print
                          ours / baseline per metric
+  --seccomp-level N      run the measured tern at this seccomp level
+  --jailer               run the measured tern under tern-jailer (next to it);
+                         with either option and no --baseline-tern, the
+                         baseline is the same tern at level 0, unjailed
 ";
 
 /// The request phases are cut into this many rounds; with a baseline, each
@@ -51,6 +56,7 @@ pub struct Options {
     unikernel: Option<PathBuf>,
     json: Option<PathBuf>,
     baseline: Option<PathBuf>,
+    confinement: Option<crate::confine::Confinement>,
 }
 
 pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
@@ -60,6 +66,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
     let mut unikernel = None;
     let mut json = None;
     let mut baseline = None;
+    let mut confinement: Option<crate::confine::Confinement> = None;
     while let Some(arg) = it.next() {
         let arg = arg
             .into_string()
@@ -94,6 +101,15 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
             "--unikernel" => unikernel = Some(PathBuf::from(value(&mut it)?)),
             "--json" => json = Some(PathBuf::from(value(&mut it)?)),
             "--baseline-tern" => baseline = Some(PathBuf::from(value(&mut it)?)),
+            "--seccomp-level" => {
+                let level = crate::confine::parse_level(&value(&mut it)?.to_string_lossy())?;
+                confinement
+                    .get_or_insert_with(Default::default)
+                    .seccomp_level = Some(level);
+            }
+            "--jailer" => {
+                confinement.get_or_insert_with(Default::default).jailer = Some(PathBuf::new())
+            }
             _ => {
                 return Err(format!(
                     "unknown option '{arg}' (see tern-bench api --help)"
@@ -118,6 +134,7 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
         unikernel,
         json,
         baseline,
+        confinement,
     }))
 }
 
@@ -522,7 +539,7 @@ fn start_once(tern: &Path, sock: &Path, uk: &Path) -> Result<[f64; 4], String> {
 
 pub fn run(opts: &Options) -> Result<(), String> {
     let tern = crate::check_binary("tern", &opts.tern)?;
-    let baseline = match &opts.baseline {
+    let mut baseline = match &opts.baseline {
         Some(b) => Some(crate::check_binary("baseline tern", b)?),
         None => None,
     };
@@ -534,6 +551,11 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let machine = report::Machine::probe();
     let load_before = loadavg();
     let dir = TempDir::new()?;
+    if let Some(c) = &opts.confinement {
+        crate::confine::apply(&tern, c, &mut baseline)?;
+        crate::confine::bind(&tern, &uk);
+        crate::confine::bind(&tern, &dir.0);
+    }
     let reqs = Reqs {
         get: Request::new("GET", "/", None, 200),
         put: Request::new("PUT", "/machine-config", Some(MACHINE_CONFIG), 204),

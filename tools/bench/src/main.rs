@@ -3,6 +3,7 @@
 
 mod api;
 mod blk;
+mod confine;
 mod http;
 mod migrate;
 mod net;
@@ -23,6 +24,7 @@ usage: tern-bench boot|api|blk|net|scsi|snapshot|migrate [options]   (tern-bench
 
        tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
                        [--linux] [--baseline-tern PATH]
+                       [--seccomp-level N] [--jailer]
 
 Times tern booting the test unikernel (start -> first console line, start ->
 exit) and measures tern's resident memory outside guest RAM.
@@ -35,6 +37,10 @@ exit) and measures tern's resident memory outside guest RAM.
   --linux                also boot the Linux guest kit in $TERN_GUEST_DIR
   --baseline-tern PATH   measure another tern too (runs interleaved) and print
                          ours / baseline per metric
+  --seccomp-level N      run the measured tern at this seccomp level
+  --jailer               run the measured tern under tern-jailer (next to it);
+                         with either option and no --baseline-tern, the
+                         baseline is the same tern at level 0, unjailed
 ";
 
 /// Runs of the RSS measurement per binary.
@@ -54,6 +60,7 @@ struct Options {
     json: Option<PathBuf>,
     linux: bool,
     baseline: Option<PathBuf>,
+    confinement: Option<confine::Confinement>,
 }
 
 fn main() -> ExitCode {
@@ -115,6 +122,7 @@ fn parse_boot(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>,
     let mut json = None;
     let mut linux = false;
     let mut baseline = None;
+    let mut confinement: Option<confine::Confinement> = None;
     while let Some(arg) = it.next() {
         let arg = arg
             .into_string()
@@ -148,6 +156,16 @@ fn parse_boot(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>,
             "--json" => json = Some(PathBuf::from(value(&mut it)?)),
             "--baseline-tern" => baseline = Some(PathBuf::from(value(&mut it)?)),
             "--linux" => linux = true,
+            "--seccomp-level" => {
+                let v = value(&mut it)?;
+                let level = confine::parse_level(&v.to_string_lossy())?;
+                confinement
+                    .get_or_insert_with(Default::default)
+                    .seccomp_level = Some(level);
+            }
+            "--jailer" => {
+                confinement.get_or_insert_with(Default::default).jailer = Some(PathBuf::new())
+            }
             _ => {
                 return Err(format!(
                     "unknown option '{arg}' (see tern-bench boot --help)"
@@ -166,6 +184,7 @@ fn parse_boot(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>,
         json,
         linux,
         baseline,
+        confinement,
     }))
 }
 
@@ -410,7 +429,7 @@ fn mib(kib: u64) -> f64 {
 
 fn boot(opts: &Options) -> Result<(), String> {
     let tern = check_binary("tern", &opts.tern)?;
-    let baseline = match &opts.baseline {
+    let mut baseline = match &opts.baseline {
         Some(b) => Some(check_binary("baseline tern", b)?),
         None => None,
     };
@@ -419,6 +438,10 @@ fn boot(opts: &Options) -> Result<(), String> {
         Some(u) => std::fs::canonicalize(u).unwrap_or_else(|_| u.clone()),
         None => build_unikernel()?,
     };
+    if let Some(c) = &opts.confinement {
+        confine::apply(&tern, c, &mut baseline)?;
+        confine::bind(&tern, &uk);
+    }
     let machine = report::Machine::probe();
     // Check the Linux kit before spending time on the rest.
     let kit = if opts.linux { Some(linux_kit()?) } else { None };

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub struct Vm {
     stderr_file: File,
     watchdog: Option<Watchdog>,
     killed_by_watchdog: bool,
+    /// The jail made for this run (`--jailer`), removed on drop.
+    jail_dir: Option<PathBuf>,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -49,9 +51,8 @@ impl Vm {
         let for_child = stderr_file
             .try_clone()
             .map_err(|e| format!("cannot duplicate a file descriptor: {e}"))?;
-        let mut cmd = Command::new(tern);
-        cmd.args(args)
-            .stdin(Stdio::null())
+        let (mut cmd, jail_dir) = crate::confine::command(tern, args);
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(for_child));
         let started = Instant::now();
@@ -74,6 +75,7 @@ impl Vm {
             stderr_file,
             watchdog: Some(watchdog),
             killed_by_watchdog: false,
+            jail_dir,
         })
     }
 
@@ -178,6 +180,11 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if let Some(dir) = self.jail_dir.take() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if self.watchdog.is_some() {
             // Never leave a VM behind, whatever went wrong.
             self.kill();

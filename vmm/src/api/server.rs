@@ -184,7 +184,10 @@ pub fn start(listener: UnixListener, path: &Path) -> Result<(ApiServer, ApiInbox
         .map_err(ServerError::Start)?;
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || runtime.block_on(serve(listener, ctx)))
+        .spawn(move || {
+            tern_seccomp::enter_or_exit("api");
+            runtime.block_on(serve(listener, ctx))
+        })
         .map_err(ServerError::Start)?;
     Ok((
         ApiServer {

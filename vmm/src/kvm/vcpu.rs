@@ -195,7 +195,10 @@ impl Vcpu {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run())
+            .spawn(move || {
+                tern_seccomp::enter_or_exit("vcpu");
+                self.run()
+            })
             .map_err(|e| VcpuError::Thread(index, e))
     }
 

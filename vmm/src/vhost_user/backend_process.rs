@@ -96,10 +96,57 @@ pub struct BackendProcess {
 /// A dead managed backend is started again at most this often.
 const RESTART_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A request to the launcher thread: start a backend, answer on `reply`.
+type LaunchJob = Box<dyn FnOnce() + Send>;
+
+/// The launcher thread's queue, once started.
+static LAUNCHER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<LaunchJob>>> =
+    std::sync::OnceLock::new();
+
+/// Starts the thread that starts backends. Call it before any thread of
+/// tern enters its seccomp filter: a child process inherits the filter of
+/// the thread that forks it, and a backend started after boot (hot plug, a
+/// restart) must run under its own filter only. The launcher does nothing
+/// but fork and exec the backend binaries tern chose.
+pub fn start_launcher() {
+    let (tx, rx) = std::sync::mpsc::channel::<LaunchJob>();
+    if LAUNCHER.set(std::sync::Mutex::new(tx)).is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("backend-launcher".into())
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        });
+}
+
 impl BackendProcess {
     /// Starts `bin` with `args` and `--socket <runtime dir>/<id>.sock`, and
-    /// waits until the socket accepts connections.
+    /// waits until the socket accepts connections (on the launcher thread
+    /// when there is one).
     pub fn start(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
+        let Some(launcher) = LAUNCHER.get() else {
+            return Self::start_here(bin, id, args);
+        };
+        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+        let (bin_c, id_c, args_c) = (bin.to_owned(), id.to_owned(), args.to_vec());
+        let job: LaunchJob = Box::new(move || {
+            let _ = reply_tx.send(Self::start_here(&bin_c, &id_c, &args_c));
+        });
+        let sent = launcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .is_ok();
+        match reply_rx.recv() {
+            Ok(r) if sent => r,
+            _ => Self::start_here(bin, id, args),
+        }
+    }
+
+    fn start_here(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
         let dir = runtime_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -116,6 +163,11 @@ impl BackendProcess {
             .arg("--socket")
             .arg(&socket)
             .args(args)
+            .args(
+                tern_seccomp::level()
+                    .map(|l| vec!["--seccomp-level".to_string(), l.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -147,6 +199,7 @@ impl BackendProcess {
             let _ = std::thread::Builder::new()
                 .name("backend-log".into())
                 .spawn(move || {
+                    tern_seccomp::enter_or_exit("vmm");
                     for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                         log::info!("{tag}: {line}");
                     }

@@ -40,7 +40,10 @@ impl IntxRelay {
         let (t_line, t_stop, t_disabled) = (line.try_clone()?, stop.try_clone()?, disabled.clone());
         let thread = std::thread::Builder::new()
             .name(format!("intx-{gsi}"))
-            .spawn(move || relay(calls, resample, t_line, t_stop, isr, t_disabled))?;
+            .spawn(move || {
+                tern_seccomp::enter_or_exit("vmm");
+                relay(calls, resample, t_line, t_stop, isr, t_disabled)
+            })?;
         Ok(Self {
             stop,
             line,
