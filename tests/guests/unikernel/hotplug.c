@@ -5,6 +5,7 @@
 #include "lib.h"
 #include "pci.h"
 #include "serial.h"
+#include "virtio_blk.h"
 
 #define PCIHP_PORT 0xae00
 #define PCIHP_UP (PCIHP_PORT + 0x0)   /* read clears */
@@ -13,6 +14,51 @@
 #define PCIHP_SLOTS (PCIHP_PORT + 0xc) /* slots holding a device */
 
 static int enabled;
+
+/* A hot-plugged virtio-blk function the guest drives: one at a time. */
+static struct vblk hpblk;
+static int hpblk_slot = -1;
+static uint8_t hpbuf[64 * 1024] __attribute__((aligned(4096)));
+
+/* Where and what the guest writes on a plugged disk: 64 KiB at 1 MiB, byte i
+ * = (i * 31 + slot) mod 256 (the host test computes the same). */
+#define HP_OFF (1u << 20)
+#define HP_LEN ((uint32_t)sizeof(hpbuf))
+
+static uint8_t hp_byte(uint32_t i, unsigned slot)
+{
+	return (uint8_t)(i * 31u + slot);
+}
+
+/* Drives the new disk: write the pattern, read it back, compare. */
+static void blk_plugged(unsigned slot)
+{
+	const struct pci_access a = { PCI_CF8, 0 };
+	struct vpci_window w = { 0xc0000000ull, 0xfec00000ull, 0, 0, 0 };
+	if (hpblk_slot >= 0) {
+		kprintf("HOTPLUG blk slot=%u skipped (slot %d in use)\n", slot, hpblk_slot);
+		return;
+	}
+	if (vblk_init(&hpblk, &a, PCI_BDF(0, slot, 0), &w) != 0) {
+		kprintf("HOTPLUG blk slot=%u init failed\n", slot);
+		return;
+	}
+	hpblk_slot = (int)slot;
+	for (uint32_t i = 0; i < HP_LEN; i++)
+		hpbuf[i] = hp_byte(i, slot);
+	int ws = vblk_rw(&hpblk, 0, 1, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
+	if (ws == 0 && vblk_has(&hpblk, VIRTIO_BLK_F_FLUSH))
+		ws = vblk_flush(&hpblk);
+	for (uint32_t i = 0; i < HP_LEN; i++)
+		hpbuf[i] = 0;
+	int rs = vblk_rw(&hpblk, 0, 0, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
+	uint32_t bad = 0;
+	for (uint32_t i = 0; i < HP_LEN; i++)
+		if (hpbuf[i] != hp_byte(i, slot))
+			bad++;
+	kprintf("HOTPLUG blk slot=%u capacity=%lu write=%d read=%d mismatches=%u\n", slot,
+		(unsigned long)hpblk.capacity, ws, rs, bad);
+}
 
 int hotplug_parse_key(const char *k, size_t kn, const char *v, size_t vn)
 {
@@ -46,9 +92,16 @@ void hotplug_beat(void)
 			uint32_t id = slot_id(slot);
 			kprintf("HOTPLUG up slot=%u vendor=%x device=%x slots=%x\n", slot, id & 0xffff,
 				id >> 16, inl(PCIHP_SLOTS));
+			if ((id >> 16) == VIRTIO_BLK_PCI_ID)
+				blk_plugged(slot);
 		}
 		if (down & bit) {
-			/* Nothing of ours uses a hot-plugged device yet: let go at once. */
+			/* Stop the device (reset: it no longer touches our memory),
+			 * then let go of the slot. */
+			if (hpblk_slot == (int)slot) {
+				vblk_close(&hpblk);
+				hpblk_slot = -1;
+			}
 			outl(PCIHP_EJECT, bit);
 			kprintf("HOTPLUG ejected slot=%u\n", slot);
 		}
