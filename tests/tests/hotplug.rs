@@ -244,3 +244,58 @@ fn twenty_plug_unplug_cycles_leak_nothing() {
     let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
     vm.wait_beat(before + 3, T);
 }
+
+/// A snapshot taken after plugs and an unplug (which leaves a hole in the
+/// slots) restores with every device at the address it had.
+#[test]
+fn snapshot_after_hot_plug_keeps_devices_at_their_addresses() {
+    let dir = Scratch::new("hp-snap");
+    let imgs: Vec<_> = (0..3).map(|i| dir.path(&format!("d{i}.raw"))).collect();
+    for i in &imgs {
+        raw(i, 4);
+    }
+    let vm = boot(
+        &dir,
+        "vm",
+        None,
+        machine(64),
+        &[("/drives/d0", json!({ "path_on_host": imgs[0] }))],
+        "action=heartbeat period=20 hotplug=1",
+    );
+    vm.wait_beat(2, T);
+    for (id, img) in [("d1", &imgs[1]), ("d2", &imgs[2])] {
+        vm.expect(
+            "PUT",
+            &format!("/drives/{id}"),
+            Some(&json!({ "path_on_host": img }).to_string()),
+            204,
+        );
+        let slot = slot_of(&device(&vm, id).unwrap());
+        wait_up(&vm, slot, 1);
+    }
+    vm.expect("DELETE", "/drives/d1", None, 204);
+    vm.wait_until(T, "d1's unplug", || device(&vm, "d1").is_none());
+    let addr = |vm: &Vm, id: &str| device(vm, id).map(|d| d["pci_address"].clone());
+    let before = (addr(&vm, "d0"), addr(&vm, "d2"));
+    assert_ne!(
+        before.1,
+        Some(json!("0000:00:02.0")),
+        "d2 sits past the hole"
+    );
+
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    vm.pause();
+    vm.snapshot("Full", &state, &mem);
+    drop(vm);
+    let restored = Vm::start(
+        Some(&dir.path("r.sock")),
+        &[
+            "--restore",
+            &format!("{},{}", state.display(), mem.display()),
+        ],
+    );
+    let after = (addr(&restored, "d0"), addr(&restored, "d2"));
+    assert_eq!(after, before, "the same devices at the same addresses");
+    assert!(device(&restored, "d1").is_none());
+    restored.wait_more_beats(3, T);
+}
