@@ -299,3 +299,44 @@ fn snapshot_after_hot_plug_keeps_devices_at_their_addresses() {
     assert!(device(&restored, "d1").is_none());
     restored.wait_more_beats(3, T);
 }
+
+/// A NIC plugged into a running guest answers pings from the host through
+/// it; after the unplug it is gone and pings go unanswered.
+#[test]
+fn nic_plugged_answers_pings_and_is_gone_after_unplug() {
+    let ns = common::netns::Netns::new("hpnet");
+    ns.tap("tn0", "10.77.0.1/24");
+    let dir = Scratch::new("hp-net");
+    let vm = boot(
+        &dir,
+        "vm",
+        Some(&ns.name),
+        machine(64),
+        &[],
+        "action=heartbeat period=20 hotplug=1 netip=10.77.0.2 netgw=10.77.0.1",
+    );
+    vm.wait_beat(2, T);
+    let nic = json!({ "host_dev_name": "tn0", "guest_mac": "02:74:65:72:6e:07" });
+    vm.expect(
+        "PUT",
+        "/network-interfaces/hot0",
+        Some(&nic.to_string()),
+        204,
+    );
+    let d = device(&vm, "hot0").expect("the NIC in GET /devices");
+    assert_eq!(d["kind"], "virtio-net", "{d}");
+    let slot = slot_of(&d);
+    let line = wait_up(&vm, slot, 1);
+    assert!(line.contains("vendor=1af4 device=1041"), "{line}");
+    let mac = vm.wait_line("NETSERVE ", T);
+    assert!(mac.contains("mac=02:74:65:72:6e:07"), "{mac}");
+    let (ok, out) = ns.ping("10.77.0.2", 3, 10);
+    assert!(ok, "pings through the plugged NIC: {out}\n{}", vm.output());
+
+    vm.expect("DELETE", "/network-interfaces/hot0", None, 204);
+    vm.wait_until(T, "the NIC's unplug", || device(&vm, "hot0").is_none());
+    let (ok, out) = ns.ping("10.77.0.2", 2, 3);
+    assert!(!ok, "no answer once the NIC is gone: {out}");
+    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
+    vm.wait_beat(before + 3, T);
+}

@@ -5,7 +5,9 @@
 #include "lib.h"
 #include "pci.h"
 #include "serial.h"
+#include "net_test.h"
 #include "virtio_blk.h"
+#include "virtio_net.h"
 
 #define PCIHP_PORT 0xae00
 #define PCIHP_UP (PCIHP_PORT + 0x0)   /* read clears */
@@ -14,6 +16,14 @@
 #define PCIHP_SLOTS (PCIHP_PORT + 0xc) /* slots holding a device */
 
 static int enabled;
+/* Hot-plugged NICs being served (polled every tick). */
+static int nets;
+
+void hotplug_tick(void)
+{
+	if (nets)
+		net_serve_poll();
+}
 
 /* A hot-plugged virtio-blk function the guest drives: one at a time. */
 static struct vblk hpblk;
@@ -94,6 +104,8 @@ void hotplug_beat(void)
 				id >> 16, inl(PCIHP_SLOTS));
 			if ((id >> 16) == VIRTIO_BLK_PCI_ID)
 				blk_plugged(slot);
+			if ((id >> 16) == VIRTIO_NET_PCI_ID && net_serve_add(PCI_BDF(0, slot, 0)) >= 0)
+				nets++;
 		}
 		if (down & bit) {
 			/* Stop the device (reset: it no longer touches our memory),
@@ -102,6 +114,7 @@ void hotplug_beat(void)
 				vblk_close(&hpblk);
 				hpblk_slot = -1;
 			}
+			net_serve_remove(PCI_BDF(0, slot, 0));
 			outl(PCIHP_EJECT, bit);
 			kprintf("HOTPLUG ejected slot=%u\n", slot);
 		}

@@ -12,5 +12,7 @@ int hotplug_parse_key(const char *k, size_t kn, const char *v, size_t vn);
  * device and, for each removal request, ejects the slot and prints
  * "HOTPLUG ejected slot=N". */
 void hotplug_beat(void);
+/* Between beats (every millisecond): serve hot-plugged NICs. */
+void hotplug_tick(void);
 
 #endif

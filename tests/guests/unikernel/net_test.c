@@ -780,6 +780,50 @@ int net_serve_init(void)
 	return serve_cnt;
 }
 
+/* A NIC hot plugged at bdf: bring it up like net_serve_init does for the
+ * NICs present at boot (its address: netip= by position, else 10.(77+i).0.2),
+ * and answer ARP and pings on it from net_serve_poll. */
+int net_serve_add(uint16_t bdf)
+{
+	const struct pci_access a = { PCI_CF8, 0 };
+	struct vpci_window w = { 0xc0000000ull, 0xfec00000ull, 0, 0, 0 };
+	int i = 0;
+	while (i < serve_cnt && nics[i].up)
+		i++;
+	if (i >= MAX_NICS)
+		return -1;
+	struct nic *n = &nics[i];
+	n->up = 0;
+	if (vnet_init(&n->v, &a, bdf, &w, 1) != 0)
+		return -1;
+	n->up = 1;
+	n->ip = i < opt.n_ip ? opt.ip[i] : (10u << 24 | (77u + (uint32_t)i) << 16 | 2);
+	n->gw = i < opt.n_gw ? opt.gw[i] : (10u << 24 | (77u + (uint32_t)i) << 16 | 1);
+	n->gw_known = 0;
+	n->answered = 0;
+	n->bad_csum = 0;
+	n->ip_id = 1;
+	if (i >= serve_cnt)
+		serve_cnt = i + 1;
+	kprintf("NETSERVE %s mac=", n->v.name);
+	print_mac(n->v.mac);
+	kprintf(" ip=");
+	print_ip(n->ip);
+	kprintf("\n");
+	return i;
+}
+
+/* The NIC at bdf is going away: reset it and stop serving it. */
+void net_serve_remove(uint16_t bdf)
+{
+	for (int i = 0; i < serve_cnt; i++) {
+		if (nics[i].up && nics[i].v.pci.bdf == bdf) {
+			vnet_close(&nics[i].v);
+			nics[i].up = 0;
+		}
+	}
+}
+
 void net_serve_poll(void)
 {
 	for (int i = 0; i < serve_cnt; i++)

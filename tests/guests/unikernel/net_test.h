@@ -15,6 +15,9 @@ void net_check(void);
  * between beats); net_serve_answered counts the pings answered. */
 int net_serve_init(void);
 void net_serve_poll(void);
+/* Hot plug: serve a NIC plugged at bdf (index, or -1); stop serving one. */
+int net_serve_add(uint16_t bdf);
+void net_serve_remove(uint16_t bdf);
 unsigned net_serve_answered(void);
 
 #endif
