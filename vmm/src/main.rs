@@ -35,6 +35,17 @@ fn fail(msg: impl std::fmt::Display, api: Option<&ApiServer>) -> ExitCode {
 }
 
 fn run(opts: RunOptions) -> ExitCode {
+    // glibc's malloc sizes its arena limit from the CPU count the first
+    // time a thread needs a new arena, by opening
+    // /sys/devices/system/cpu/online; that can happen in a thread whose
+    // seccomp filter has no openat (an INTx relay started from a vCPU).
+    // Set the limit now so it never has to look.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes malloc's tuning; called before any other
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 8);
+    }
     // Before any thread is confined (see start_launcher).
     tern::vhost_user::backend_process::start_launcher();
     if let Err(e) = tern_seccomp::init("tern", opts.seccomp_level) {
