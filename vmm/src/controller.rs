@@ -246,6 +246,10 @@ impl Controller {
         };
         self.dirty_rate.abandon();
         let shared: SharedMigration = Arc::default();
+        shared.update(|s| {
+            s.role = "source";
+            s.status = "setup";
+        });
         let (s, evt) = (shared.clone(), self.jobs_evt.try_clone());
         let evt = match evt {
             Ok(e) => e,
@@ -286,6 +290,12 @@ impl Controller {
                 .map_err(|e| ApiError::bad_request(format!("migration/receive: {e}")))?,
         );
         let shared: SharedMigration = Arc::default();
+        // Reported at once: GET /migration right after this answer must
+        // already show the destination waiting.
+        shared.update(|s| {
+            s.role = "destination";
+            s.status = "setup";
+        });
         let evt = self
             .jobs_evt
             .try_clone()
