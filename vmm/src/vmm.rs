@@ -220,21 +220,10 @@ impl Vmm {
         let kvm = vm::open_kvm()?;
         let vm_fd = Arc::new(vm::create_vm(&kvm, mc.vcpu_count)?);
         let ram = memory::create_guest_ram(mc.mem_size_mib, mc.huge_pages == HugePages::Huge2M)?;
-        // Registering a memory slot waits for an SRCU grace period in the
-        // host kernel (milliseconds, whatever the size); nothing else needs
-        // the slot until the vCPUs run, so the rest of the set-up overlaps it.
-        let (registered, built) = std::thread::scope(|scope| {
-            let registering =
-                scope.spawn(|| vm::register_memory(&vm_fd, &ram.memory, mc.track_dirty_pages));
-            let built = build_rest(&kvm, &vm_fd, &config, &ram, template, exit);
-            let registered = registering.join().unwrap_or_else(|_| {
-                Err(vm::VmError::Kvm {
-                    what: "KVM_SET_USER_MEMORY_REGION thread",
-                    err: kvm_ioctls::Error::new(libc::EIO),
-                })
+        let (registered, built) =
+            vm::register_memory_during(&vm_fd, &ram.memory, mc.track_dirty_pages, || {
+                build_rest(&kvm, &vm_fd, &config, &ram, template, exit)
             });
-            (registered, built)
-        });
         registered?;
         let built = built?;
         let msr_list = crate::kvm::state::msr_index_list(&kvm).unwrap_or_default();

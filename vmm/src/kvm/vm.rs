@@ -97,6 +97,29 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Res
     Ok(())
 }
 
+/// Registers `mem`'s slots on a helper thread while `build` runs: a slot
+/// registration waits for an SRCU grace period in the host kernel
+/// (milliseconds, whatever the size), and nothing needs the slots until the
+/// vCPUs run. Returns both results.
+pub fn register_memory_during<T>(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+    build: impl FnOnce() -> T,
+) -> (Result<(), VmError>, T) {
+    std::thread::scope(|scope| {
+        let registering = scope.spawn(|| register_memory(vm, mem, log_dirty));
+        let built = build();
+        let registered = registering.join().unwrap_or_else(|_| {
+            Err(VmError::Kvm {
+                what: "KVM_SET_USER_MEMORY_REGION thread",
+                err: kvm_ioctls::Error::new(libc::EIO),
+            })
+        });
+        (registered, built)
+    })
+}
+
 /// Reads and clears the dirty bitmap of every memory slot (one `u64` per
 /// 64 pages, slot i = region i).
 pub fn dirty_bitmaps(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {

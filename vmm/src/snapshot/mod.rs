@@ -148,68 +148,48 @@ const LAYER_XATTR: &std::ffi::CStr = c"user.tern.layer";
 
 /// Marks a memory file as a diff layer (best effort, as the id tag).
 fn mark_diff_layer(f: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: valid fd, NUL-terminated name, value pointer and length of a
-    // live array.
-    unsafe {
-        libc::fsetxattr(
-            f.as_raw_fd(),
-            LAYER_XATTR.as_ptr(),
-            b"diff".as_ptr().cast(),
-            4,
-            0,
-        )
-    };
+    set_xattr(f, LAYER_XATTR, b"diff");
 }
 
 /// Whether a memory file is marked as an unmerged diff layer.
 fn is_diff_layer(f: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut v = [0u8; 4];
-    // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
-    let n = unsafe {
-        libc::fgetxattr(
-            f.as_raw_fd(),
-            LAYER_XATTR.as_ptr(),
-            v.as_mut_ptr().cast(),
-            v.len(),
-        )
-    };
-    n == 4 && &v == b"diff"
+    get_xattr::<4>(f, LAYER_XATTR) == Some(*b"diff")
 }
 
-/// Tags a memory file with its snapshot's id (best effort: file systems
+/// Sets extended attribute `name` of `f` (best effort: file systems
 /// without user xattrs only get the size check).
-fn tag_memory_file(f: &std::fs::File, id: u64) {
+fn set_xattr(f: &std::fs::File, name: &std::ffi::CStr, value: &[u8]) {
     use std::os::fd::AsRawFd;
-    let v = id.to_le_bytes();
     // SAFETY: valid fd, NUL-terminated name, value pointer and length of a
-    // live array.
+    // live slice.
     unsafe {
         libc::fsetxattr(
             f.as_raw_fd(),
-            MEM_ID_XATTR.as_ptr(),
-            v.as_ptr().cast(),
-            v.len(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
             0,
         )
     };
 }
 
+/// Extended attribute `name` of `f` if it is exactly `N` bytes long.
+fn get_xattr<const N: usize>(f: &std::fs::File, name: &std::ffi::CStr) -> Option<[u8; N]> {
+    use std::os::fd::AsRawFd;
+    let mut v = [0u8; N];
+    // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
+    let n = unsafe { libc::fgetxattr(f.as_raw_fd(), name.as_ptr(), v.as_mut_ptr().cast(), N) };
+    (n == N as isize).then_some(v)
+}
+
+/// Tags a memory file with its snapshot's id.
+fn tag_memory_file(f: &std::fs::File, id: u64) {
+    set_xattr(f, MEM_ID_XATTR, &id.to_le_bytes());
+}
+
 /// The id a memory file was tagged with, if any.
 fn memory_file_tag(f: &std::fs::File) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let mut v = [0u8; 8];
-    // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
-    let n = unsafe {
-        libc::fgetxattr(
-            f.as_raw_fd(),
-            MEM_ID_XATTR.as_ptr(),
-            v.as_mut_ptr().cast(),
-            v.len(),
-        )
-    };
-    (n == 8).then(|| u64::from_le_bytes(v))
+    get_xattr::<8>(f, MEM_ID_XATTR).map(u64::from_le_bytes)
 }
 
 /// A fresh id for a snapshot.

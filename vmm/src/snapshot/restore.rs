@@ -174,21 +174,10 @@ impl Platform {
         let kvm = vm::open_kvm().map_err(|e| vmm_err(e.into()))?;
         let vm_fd =
             std::sync::Arc::new(vm::create_vm(&kvm, mc.vcpu_count).map_err(|e| vmm_err(e.into()))?);
-        // Registering the memory slots waits for an SRCU grace period in
-        // the host kernel: overlap it with building the devices, as a boot
-        // does.
-        let (registered, built) = std::thread::scope(|scope| {
-            let registering =
-                scope.spawn(|| vm::register_memory(&vm_fd, &ram.memory, mc.track_dirty_pages));
-            let built = build_platform(&kvm, &vm_fd, &config, &ram, template, exit);
-            let registered = registering.join().unwrap_or_else(|_| {
-                Err(vm::VmError::Kvm {
-                    what: "KVM_SET_USER_MEMORY_REGION thread",
-                    err: kvm_ioctls::Error::new(libc::EIO),
-                })
+        let (registered, built) =
+            vm::register_memory_during(&vm_fd, &ram.memory, mc.track_dirty_pages, || {
+                build_platform(&kvm, &vm_fd, &config, &ram, template, exit)
             });
-            (registered, built)
-        });
         registered.map_err(|e| vmm_err(e.into()))?;
         let built = built.map_err(vmm_err)?;
         Ok(Self {
