@@ -266,32 +266,10 @@ impl VirtioPciDevice {
     /// Reconnects a device whose backend went away, if a new backend
     /// listens; a running device's rings resume at their used index.
     pub fn try_reconnect(&mut self) -> bool {
-        let running = self.common.status & status::DRIVER_OK != 0
-            && self.common.status & status::DEVICE_NEEDS_RESET == 0;
+        let running = self.running();
         let mem = self.env.mem.clone();
-        let used_idx = |used: u64| {
-            use vm_memory::Bytes;
-            mem.read_obj::<u16>(vm_memory::GuestAddress(used + 2))
-                .unwrap_or(0)
-        };
-        let queues: Vec<ActiveQueue> = self
-            .common
-            .queues
-            .iter()
-            .enumerate()
-            .filter(|(_, q)| q.enabled)
-            .map(|(i, q)| ActiveQueue {
-                index: i,
-                size: q.size,
-                max_size: q.max_size,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-                kick: &self.kicks[i],
-                call: &self.calls[i],
-                base: used_idx(q.used),
-            })
-            .collect();
+        // Every running ring resumes at its used index.
+        let queues = Self::active_queues(&self.common, &self.kicks, &self.calls, &mem, &[]);
         let active = running.then_some((self.common.driver_features, queues.as_slice()));
         match self.device.reconnect(&self.env.mem, active) {
             Ok(done) => {

@@ -61,7 +61,7 @@ const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl VirtioPciDevice {
     /// Whether the driver has the device running.
-    fn running(&self) -> bool {
+    pub(super) fn running(&self) -> bool {
         self.common.status & status::DRIVER_OK != 0
             && self.common.status & status::DEVICE_NEEDS_RESET == 0
     }
@@ -131,7 +131,7 @@ impl VirtioPciDevice {
 
     /// The queues the driver enabled, each starting at its base from
     /// `bases` (queues not listed start at the used index in memory).
-    fn active_queues<'a>(
+    pub(super) fn active_queues<'a>(
         common: &CommonCfg,
         kicks: &'a [vmm_sys_util::eventfd::EventFd],
         calls: &'a [vmm_sys_util::eventfd::EventFd],
