@@ -218,14 +218,14 @@ impl Vmm {
         let mc = &config.machine_config;
 
         let kvm = vm::open_kvm()?;
-        let vm_fd = Arc::new(vm::create_vm(&kvm, mc.vcpu_count)?);
         let ram = memory::create_guest_ram(mc.mem_size_mib, mc.huge_pages == HugePages::Huge2M)?;
-        let (registered, built) =
-            vm::register_memory_during(&vm_fd, &ram.memory, mc.track_dirty_pages, || {
-                build_rest(&kvm, &vm_fd, &config, &ram, template, exit)
-            });
-        registered?;
-        let built = built?;
+        let vm_fd = Arc::new(vm::create_vm(
+            &kvm,
+            mc.vcpu_count,
+            &ram.memory,
+            mc.track_dirty_pages,
+        )?);
+        let built = build_rest(&kvm, &vm_fd, &config, &ram, template, exit)?;
         let msr_list = crate::kvm::state::msr_index_list(&kvm).unwrap_or_default();
         Self::start(config, built, vm_fd, ram, msr_list, false, started)
     }

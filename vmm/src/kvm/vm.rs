@@ -47,13 +47,28 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Kvm::new().map_err(VmError::OpenKvm)
 }
 
-/// Creates a VM with an in-kernel irqchip and PIT for `vcpus` vCPUs.
-pub fn create_vm(kvm: &Kvm, vcpus: u32) -> Result<VmFd, VmError> {
+/// Creates a VM for `vcpus` vCPUs with `mem` registered as its memory
+/// slots (dirty-logged when `log_dirty`), then its in-kernel irqchip and
+/// PIT.
+///
+/// The order matters for start-up time: every change to a VM's memory
+/// slots or I/O buses waits for an SRCU grace period in the host kernel,
+/// and once the irqchip exists that wait is milliseconds (measured on
+/// kvm_pvm: 2-11 ms for the first slot after KVM_CREATE_IRQCHIP, 0.09 ms
+/// before it). Registering memory first keeps VM creation under half a
+/// millisecond, less than running it on a helper thread did.
+pub fn create_vm(
+    kvm: &Kvm,
+    vcpus: u32,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<VmFd, VmError> {
     let max = kvm.get_max_vcpus();
     if vcpus as usize > max {
         return Err(VmError::TooManyVcpus { asked: vcpus, max });
     }
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    register_memory(&vm, mem, log_dirty)?;
     vm.set_tss_address(TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
@@ -95,29 +110,6 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Res
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
-}
-
-/// Registers `mem`'s slots on a helper thread while `build` runs: a slot
-/// registration waits for an SRCU grace period in the host kernel
-/// (milliseconds, whatever the size), and nothing needs the slots until the
-/// vCPUs run. Returns both results.
-pub fn register_memory_during<T>(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    log_dirty: bool,
-    build: impl FnOnce() -> T,
-) -> (Result<(), VmError>, T) {
-    std::thread::scope(|scope| {
-        let registering = scope.spawn(|| register_memory(vm, mem, log_dirty));
-        let built = build();
-        let registered = registering.join().unwrap_or_else(|_| {
-            Err(VmError::Kvm {
-                what: "KVM_SET_USER_MEMORY_REGION thread",
-                err: kvm_ioctls::Error::new(libc::EIO),
-            })
-        });
-        (registered, built)
-    })
 }
 
 /// Reads and clears the dirty bitmap of every memory slot (one `u64` per

@@ -172,14 +172,11 @@ impl Platform {
         let mc = &config.machine_config;
         let template = crate::vmm::cpu_template(&config);
         let kvm = vm::open_kvm().map_err(|e| vmm_err(e.into()))?;
-        let vm_fd =
-            std::sync::Arc::new(vm::create_vm(&kvm, mc.vcpu_count).map_err(|e| vmm_err(e.into()))?);
-        let (registered, built) =
-            vm::register_memory_during(&vm_fd, &ram.memory, mc.track_dirty_pages, || {
-                build_platform(&kvm, &vm_fd, &config, &ram, template, exit)
-            });
-        registered.map_err(|e| vmm_err(e.into()))?;
-        let built = built.map_err(vmm_err)?;
+        let vm_fd = std::sync::Arc::new(
+            vm::create_vm(&kvm, mc.vcpu_count, &ram.memory, mc.track_dirty_pages)
+                .map_err(|e| vmm_err(e.into()))?,
+        );
+        let built = build_platform(&kvm, &vm_fd, &config, &ram, template, exit).map_err(vmm_err)?;
         Ok(Self {
             config,
             ram,
