@@ -175,6 +175,11 @@ fn vhost_user_disk_reads_the_pattern_and_new_writes_land_after_restore() {
     // queue carries on at its ring positions.
     let mut r = restore_cli(&state, &mem, &[]);
     assert_continues(&r, &last, Some(sum), 3);
+    // Memory shared with the backend came in lazily (userfaultfd), and the
+    // backend's ring started only once all of it was there.
+    r.wait_until(T, "the lazy fill's log line", || {
+        r.output().contains("of guest memory filled in")
+    });
     let after: Vec<u64> = snapblk_beats(&r);
     assert!(
         after.len() >= 3 && after[0] > last.n,

@@ -32,6 +32,9 @@ pub enum ExitReason {
         /// What happened, including the exit reason and guest RIP.
         message: String,
     },
+    /// Guest memory could not be brought in from a snapshot's memory file
+    /// (a lazy restore's fill failed): the guest cannot go on.
+    MemoryFill(String),
 }
 
 /// Process status for a VMM-side failure (bad input, KVM error, guest
@@ -49,7 +52,7 @@ impl ExitReason {
             | ExitReason::TripleFault
             | ExitReason::Migrated(_) => 0,
             ExitReason::DebugExit(v) => (i32::from(*v) << 1) | 1,
-            ExitReason::VcpuError { .. } => ERROR_STATUS,
+            ExitReason::VcpuError { .. } | ExitReason::MemoryFill(_) => ERROR_STATUS,
         }
     }
 }
@@ -65,6 +68,9 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::Migrated(to) => write!(f, "the VM migrated to {to}"),
             ExitReason::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu} failed: {message}"),
+            ExitReason::MemoryFill(why) => {
+                write!(f, "guest memory could not be restored: {why}")
+            }
         }
     }
 }

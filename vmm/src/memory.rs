@@ -63,6 +63,9 @@ pub enum Backing {
 
 /// Guest RAM and the file behind it.
 pub struct GuestRam {
+    /// Threads still bringing a snapshot's pages in (a lazy restore).
+    /// Declared first so they stop before the memory is unmapped.
+    pub filler: Option<crate::snapshot::lazy::LazyFill>,
     /// The mapped regions.
     pub memory: GuestMemoryMmap,
     /// The file holding every page, in guest-physical order (low RAM first,
@@ -125,6 +128,13 @@ fn new_memfd(size: u64, huge: bool) -> Result<File, MemoryError> {
 pub fn ram_from_file_copy(src: &File, size: u64) -> Result<GuestRam, MemoryError> {
     let file = new_memfd(size, false)?;
     copy_data_extents(src, &file, size).map_err(MemoryError::Memfd)?;
+    map_ram(file, size, false, Backing::Memfd)
+}
+
+/// Creates guest RAM of `size` bytes backed by a fresh, empty memfd, for
+/// a lazy restore to fill.
+pub fn ram_empty(size: u64) -> Result<GuestRam, MemoryError> {
+    let file = new_memfd(size, false)?;
     map_ram(file, size, false, Backing::Memfd)
 }
 
@@ -228,6 +238,7 @@ fn map_ram(file: File, size: u64, huge: bool, backing: Backing) -> Result<GuestR
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
     Ok(GuestRam {
+        filler: None,
         memory,
         file,
         size,

@@ -4,8 +4,10 @@
 //! from them in a fresh tern. See `docs/snapshot.md`.
 
 pub mod file;
+pub mod lazy;
 pub mod memory;
 mod restore;
+mod uffd;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -98,11 +98,13 @@ fn restored_config(
 
 /// Opens and checks the memory file, then maps it: private (pages read
 /// when first touched) when nothing else needs to share guest memory, or
-/// copied into a memfd that the vhost-user backends can map.
+/// as a memfd the vhost-user backends can map, filled lazily (`lazy.rs`)
+/// or, where userfaultfd is not available, copied in now.
 fn load_memory(
     state: &SnapshotState,
     config: &VmConfig,
     path: &Path,
+    exit: &ExitSender,
 ) -> Result<memory::GuestRam, SnapshotError> {
     let mem_file = std::fs::File::open(path).map_err(|e| SnapshotError::MemoryFile {
         path: path.to_owned(),
@@ -110,12 +112,23 @@ fn load_memory(
     })?;
     check_memory_file(state, path, &mem_file)?;
     let shared = !config.drives.is_empty() || !config.network_interfaces.is_empty();
-    let ram = if shared {
-        memory::ram_from_file_copy(&mem_file, state.mem_size)
-    } else {
-        memory::ram_from_file_private(mem_file, state.mem_size)
-    };
-    ram.map_err(|e| vmm_err(e.into()))
+    if !shared {
+        return memory::ram_from_file_private(mem_file, state.mem_size)
+            .map_err(|e| vmm_err(e.into()));
+    }
+    let mut ram = memory::ram_empty(state.mem_size).map_err(|e| vmm_err(e.into()))?;
+    let lazy = mem_file
+        .try_clone()
+        .and_then(|f| super::lazy::LazyFill::start(&ram, f, exit.clone()));
+    match lazy {
+        Ok(fill) => ram.filler = Some(fill),
+        Err(e) => {
+            log::info!("lazy restore unavailable ({e}): copying the memory file in first");
+            ram = memory::ram_from_file_copy(&mem_file, state.mem_size)
+                .map_err(|e| vmm_err(e.into()))?;
+        }
+    }
+    Ok(ram)
 }
 
 impl Vmm {
@@ -130,11 +143,14 @@ impl Vmm {
         let state: SnapshotState = file::read_state(&src.state_path)?;
         let config = restored_config(&state, opts)?;
         let t_state = started.elapsed();
-        let ram = load_memory(&state, &config, &src.mem_path)?;
+        let ram = load_memory(&state, &config, &src.mem_path, exit)?;
         let t_mem = started.elapsed();
         let platform = Platform::build(config, ram, exit)?;
         let t_build = started.elapsed();
         let vmm = platform.finish(&state, !opts.resume, started)?;
+        if let Some(fill) = &vmm.ram.filler {
+            fill.begin();
+        }
         log::debug!(
             "restore phases: state file {t_state:?}, memory {:?}, VM and devices {:?}, state put back {:?}",
             t_mem - t_state,
@@ -213,6 +229,12 @@ impl Platform {
             )));
         }
         let (machine, virtio, vcpus) = (&built.0, &built.1, &built.2);
+        // Backends wait for a lazy fill to complete before their rings run.
+        let gate = ram
+            .filler
+            .as_ref()
+            .map(|f| f.gate())
+            .filter(|g| !g.is_done());
         state::restore_vm(&vm_fd, &state.vm)?;
         for (v, s) in vcpus.iter().zip(&state.vcpus) {
             state::restore_vcpu(&vcpu::lock_fd(v.fd()), s)?;
@@ -243,11 +265,19 @@ impl Platform {
                 )));
             }
             lock(&entry.device)
-                .restore(&saved.state)
+                .restore(&saved.state, gate.is_some())
                 .map_err(|e| SnapshotError::Device {
                     id: saved.id.clone(),
                     err: e.to_string(),
                 })?;
+            if let Some(gate) = &gate {
+                let device = std::sync::Arc::downgrade(&entry.device);
+                gate.after_fill(Box::new(move || {
+                    if let Some(d) = device.upgrade() {
+                        lock(&d).release_held();
+                    }
+                }));
+            }
         }
 
         let msr_list = state::msr_index_list(&kvm).unwrap_or_default();

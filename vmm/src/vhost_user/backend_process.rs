@@ -224,7 +224,8 @@ impl BackendProcess {
                     timeout: START_TIMEOUT,
                 });
             }
-            std::thread::sleep(Duration::from_millis(2));
+            // Short: a restore waits on this before the guest can run.
+            std::thread::sleep(Duration::from_micros(200));
         }
         Ok(Self {
             child,

@@ -66,9 +66,10 @@ fn connect_with_retry(path: &Path) -> std::io::Result<UnixStream> {
     let mut tries = 0;
     loop {
         match UnixStream::connect(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 200 => {
+            // 1 s in all, in short steps: a restore waits on this.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 5000 => {
                 tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::thread::sleep(std::time::Duration::from_micros(200));
             }
             other => return other,
         }

@@ -123,6 +123,9 @@ pub struct VirtioPciDevice {
     interrupts: Interrupts,
     env: PciEnv,
     me: Weak<Mutex<VirtioPciDevice>>,
+    /// Ring positions of a restored device whose backend must not start
+    /// yet (guest memory is still being filled in, `snapshot/lazy.rs`).
+    held: Option<Vec<(usize, u16)>>,
 }
 
 fn vendor_cap(
@@ -257,6 +260,7 @@ impl VirtioPciDevice {
                 interrupts: Interrupts::None,
                 env,
                 me: me.clone(),
+                held: None,
             })
         });
         crate::devices::bus::lock(&dev).map_bar(bar)?;
@@ -266,7 +270,8 @@ impl VirtioPciDevice {
     /// Reconnects a device whose backend went away, if a new backend
     /// listens; a running device's rings resume at their used index.
     pub fn try_reconnect(&mut self) -> bool {
-        let running = self.running();
+        // A held device's rings start when it is released, not now.
+        let running = self.running() && self.held.is_none();
         let mem = self.env.mem.clone();
         // Every running ring resumes at its used index.
         let queues = Self::active_queues(&self.common, &self.kicks, &self.calls, &mem, &[]);
@@ -489,6 +494,7 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
+        self.held = None;
         if self.common.status & status::DRIVER_OK != 0 {
             self.device.reset();
         }

@@ -80,7 +80,8 @@ impl VirtioPciDevice {
     /// snapshot. Gives up after a bound and says which queue still had
     /// requests in flight.
     pub fn quiesce(&self) -> Result<(), PersistError> {
-        if !self.running() || self.device.state() == "disconnected" {
+        // A held backend has not started: nothing of it is in flight.
+        if !self.running() || self.device.state() == "disconnected" || self.held.is_some() {
             return Ok(());
         }
         let mem = &self.env.mem;
@@ -111,7 +112,9 @@ impl VirtioPciDevice {
     /// rings stay stopped until [`Self::resume_queues`] (the VM goes on) or
     /// the process ends.
     pub fn save(&mut self) -> Result<VirtioPciSnapshot, PersistError> {
-        let bases = if self.running() && self.device.state() != "disconnected" {
+        let bases = if let Some(held) = &self.held {
+            held.clone()
+        } else if self.running() && self.device.state() != "disconnected" {
             self.device
                 .pause()
                 .map_err(|e| PersistError::Backend(e.to_string()))?
@@ -173,7 +176,7 @@ impl VirtioPciDevice {
 
     /// Restarts the rings a snapshot stopped, where they were.
     pub fn resume_queues(&mut self, bases: &[(usize, u16)]) -> Result<(), PersistError> {
-        if !self.running() || self.device.state() == "disconnected" {
+        if !self.running() || self.device.state() == "disconnected" || self.held.is_some() {
             return Ok(());
         }
         let features = self.common.driver_features;
@@ -189,10 +192,24 @@ impl VirtioPciDevice {
         Ok(())
     }
 
+    /// Starts the rings of a device restored with `hold`, where they were.
+    pub fn release_held(&mut self) {
+        let Some(bases) = self.held.take() else {
+            return;
+        };
+        if let Err(e) = self.resume_queues(&bases) {
+            log::error!(
+                "virtio device {:#x}: starting the backend after restore: {e}",
+                self.device.device_type()
+            );
+        }
+    }
+
     /// Puts a freshly built function (same device, new backend connection)
     /// into the saved state and, if the driver had it running, starts its
-    /// interrupts and the backend's rings where they were.
-    pub fn restore(&mut self, snap: &VirtioPciSnapshot) -> Result<(), PersistError> {
+    /// interrupts and, unless `hold`, the backend's rings where they were
+    /// (held: at [`Self::release_held`]).
+    pub fn restore(&mut self, snap: &VirtioPciSnapshot, hold: bool) -> Result<(), PersistError> {
         if snap.device_type != self.device.device_type()
             || snap.common.queues.len() != self.common.queues.len()
         {
@@ -218,6 +235,10 @@ impl VirtioPciDevice {
             self.start_intx()
         };
         wiring.map_err(PersistError::Backend)?;
+        if hold {
+            self.held = Some(snap.bases.clone());
+            return Ok(());
+        }
         self.resume_queues(&snap.bases)
     }
 }
