@@ -193,6 +193,62 @@ fn vhost_user_disk_reads_the_pattern_and_new_writes_land_after_restore() {
 }
 
 #[test]
+fn a_snapshot_taken_while_a_lazy_restore_fills_memory_restores_whole() {
+    let dir = Scratch::new("snap-lazy");
+    let disk = dir.path("disk.raw");
+    raw_disk(&disk);
+    let (state, mem) = (dir.path("a.state"), dir.path("a.mem"));
+    let (state2, mem2) = (dir.path("b.state"), dir.path("b.mem"));
+    let drive = serde_json::json!({
+        "drive_id": "disk0", "path_on_host": disk, "is_root_device": false, "is_read_only": false
+    });
+    let mut vm = boot(
+        &dir,
+        "orig",
+        None,
+        machine(256),
+        &[("/drives/disk0", drive)],
+        "action=heartbeat period=50 snapblk=1 mempattern=64",
+    );
+    let sum = pattern_sum(&vm);
+    vm.wait_line("SNAPBLK 00:", T);
+    vm.wait_beat(3, T);
+    let last = pause_and_snapshot(&vm, "Full", &state, &mem);
+    vm.kill();
+
+    // Load, then at once pause and snapshot again: the fill of the first
+    // snapshot's memory is (most likely) still going; the second snapshot
+    // waits for it rather than taking unfilled pages for holes.
+    let body = serde_json::json!({
+        "snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true
+    });
+    let mut r = restore_api(&dir, "r1", None, body);
+    r.pause();
+    let last2 = r.last_beat().unwrap_or_else(|| last.clone());
+    r.snapshot("Full", &state2, &mem2);
+    r.wait_until(T, "the lazy fill's log line", || {
+        r.output().contains("of guest memory filled in")
+    });
+    r.kill();
+
+    let mut r2 = restore_cli(&state2, &mem2, &[]);
+    assert_continues(&r2, &last2, Some(sum), 3);
+    let after = snapblk_beats(&r2);
+    assert!(
+        after.len() >= 2 && after[0] > last.n,
+        "disk beats after the second restore: {after:?}\n{}",
+        r2.output()
+    );
+    r2.kill();
+    assert_disk_has(
+        &std::fs::read(&disk).unwrap(),
+        &after,
+        "after the second restore",
+    );
+}
+
+#[test]
 fn nic_answers_pings_before_and_after_restore() {
     let ns = Netns::new("snapnet");
     ns.tap("tn0", "10.77.0.1/24");

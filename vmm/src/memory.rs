@@ -77,6 +77,16 @@ pub struct GuestRam {
     pub backing: Backing,
 }
 
+impl GuestRam {
+    /// Waits until a lazy restore has brought every page of its snapshot
+    /// in (at once when there is none): a snapshot or migration must not
+    /// read memory the fill has not reached, which would look like holes.
+    /// False if the fill failed.
+    pub fn wait_filled(&self) -> bool {
+        self.filler.as_ref().is_none_or(|f| f.gate().wait())
+    }
+}
+
 /// The guest-physical RAM ranges for `size` bytes: below the MMIO hole
 /// first, the rest above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {

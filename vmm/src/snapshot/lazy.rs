@@ -50,11 +50,13 @@ type Waiter = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 pub struct FillGate {
     state: Mutex<GateState>,
+    changed: std::sync::Condvar,
 }
 
 #[derive(Default)]
 struct GateState {
     done: bool,
+    failed: bool,
     waiting: Vec<Waiter>,
 }
 
@@ -76,6 +78,15 @@ impl FillGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).done
     }
 
+    /// Blocks until the fill is complete (true) or has failed (false).
+    pub fn wait(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !s.done && !s.failed {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.done
+    }
+
     fn complete(&self) {
         let waiting = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -85,6 +96,12 @@ impl FillGate {
         for f in waiting {
             f();
         }
+        self.changed.notify_all();
+    }
+
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+        self.changed.notify_all();
     }
 }
 
@@ -206,6 +223,7 @@ impl Shared {
 
     fn fail(&self, what: &str, e: io::Error) {
         log::error!("lazy restore: {what}: {e}");
+        self.gate.fail();
         self.exit
             .send(ExitReason::MemoryFill(format!("{what}: {e}")));
     }
@@ -383,6 +401,8 @@ impl LazyFill {
 
 impl Drop for LazyFill {
     fn drop(&mut self) {
+        // Nobody waits on a fill that will not complete.
+        self.shared.gate.fail();
         {
             // Under the lock, so a fill thread about to wait sees the stop.
             let _go = self.shared.go.0.lock().unwrap_or_else(|e| e.into_inner());

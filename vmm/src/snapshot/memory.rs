@@ -101,6 +101,8 @@ fn write_pages(
 /// them (reading would allocate them); a private file mapping may hold
 /// data anywhere.
 pub(crate) fn data_pages(ram: &GuestRam, region: &Region) -> Vec<(u64, u64)> {
+    // Pages a lazy restore has not brought in yet look like holes.
+    ram.wait_filled();
     let len = region.bytes.len() as u64;
     let extents = match ram.backing {
         Backing::Memfd => data_extents(&ram.file, region.file_offset, region.file_offset + len)

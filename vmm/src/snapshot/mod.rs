@@ -130,6 +130,9 @@ pub enum SnapshotError {
     /// Building the VM failed.
     #[error(transparent)]
     Vmm(#[from] Box<crate::vmm::VmmError>),
+    /// A lazy restore could not bring the VM's memory in.
+    #[error("the VM's memory could not be restored from its snapshot, so it cannot be saved")]
+    MemoryNotFilled,
 }
 
 /// What a snapshot wrote, for the log and the benchmark.
@@ -253,6 +256,11 @@ impl Vmm {
     /// finish, stops its backend's rings and returns its state. On error the
     /// devices already stopped are restarted.
     pub(crate) fn stop_devices(&mut self) -> Result<Vec<VirtioState>, SnapshotError> {
+        // After a lazy restore the backends start only once memory is in;
+        // their state is only final from then on.
+        if !self.ram.wait_filled() {
+            return Err(SnapshotError::MemoryNotFilled);
+        }
         let mut virtio = Vec::with_capacity(self.virtio.len());
         for v in &self.virtio {
             let mut dev = lock(&v.device);
