@@ -215,8 +215,33 @@ impl Vmm {
         let mut config = config.clone();
         let template = cpu_template(&config);
         config.machine_config.cpu_template = Some(template);
-        let mc = &config.machine_config;
 
+        // The backends start up while memory and the VM are made.
+        prelaunch_backends(&config);
+        let built = Self::build_for_boot(&config, template, exit);
+        // Whatever was not taken (an error on the way) is stopped.
+        BackendProcess::discard_prelaunched();
+        let (kvm, vm_fd, ram, built) = built?;
+        let msr_list = crate::kvm::state::msr_index_list(&kvm).unwrap_or_default();
+        Self::start(config, built, vm_fd, ram, msr_list, false, started)
+    }
+
+    /// KVM, the VM with its memory, devices and vCPUs, for a boot.
+    #[allow(clippy::type_complexity)]
+    fn build_for_boot(
+        config: &VmConfig,
+        template: CpuTemplate,
+        exit: &ExitSender,
+    ) -> Result<
+        (
+            kvm_ioctls::Kvm,
+            Arc<kvm_ioctls::VmFd>,
+            memory::GuestRam,
+            Built,
+        ),
+        VmmError,
+    > {
+        let mc = &config.machine_config;
         let kvm = vm::open_kvm()?;
         let ram = memory::create_guest_ram(mc.mem_size_mib, mc.huge_pages == HugePages::Huge2M)?;
         let vm_fd = Arc::new(vm::create_vm(
@@ -225,9 +250,8 @@ impl Vmm {
             &ram.memory,
             mc.track_dirty_pages,
         )?);
-        let built = build_rest(&kvm, &vm_fd, &config, &ram, template, exit)?;
-        let msr_list = crate::kvm::state::msr_index_list(&kvm).unwrap_or_default();
-        Self::start(config, built, vm_fd, ram, msr_list, false, started)
+        let built = build_rest(&kvm, &vm_fd, config, &ram, template, exit)?;
+        Ok((kvm, vm_fd, ram, built))
     }
 
     /// Starts the vCPU threads of a built VM (paused first when `paused`:
@@ -591,6 +615,77 @@ fn build_scsi(
     Ok(entry)
 }
 
+/// tern-blk's arguments for drive `d` (its image at `path`).
+fn blk_backend_args(d: &DriveConfig, path: &std::path::Path, queues: usize) -> Vec<String> {
+    let mut args = vec![
+        "--image".to_string(),
+        path.display().to_string(),
+        "--format".into(),
+        match d.format {
+            DriveFormat::Raw => "raw".into(),
+            DriveFormat::Qcow2 => "qcow2".into(),
+        },
+        "--queues".into(),
+        queues.to_string(),
+        "--serial".into(),
+        d.serial.clone().unwrap_or_else(|| d.drive_id.clone()),
+    ];
+    if d.is_read_only {
+        args.push("--readonly".into());
+    }
+    if d.cache == DriveCache::Direct {
+        args.push("--direct".into());
+    }
+    args
+}
+
+/// tern-net's arguments for NIC `n` on `tap`.
+fn net_backend_args(n: &crate::config::NetConfig, tap: &str, pairs: usize) -> Vec<String> {
+    let mut args = vec![
+        "--tap".to_string(),
+        tap.to_string(),
+        "--mac".into(),
+        crate::config::format_mac(&n.mac()),
+        "--queues".into(),
+        pairs.to_string(),
+    ];
+    if let Some(mtu) = n.mtu {
+        args.push("--mtu".into());
+        args.push(mtu.to_string());
+    }
+    args
+}
+
+/// Starts the managed tern-blk and tern-net backends of `config` without
+/// waiting, so they come up while the VM is created; building the devices
+/// then takes them (virtio-scsi's single backend is started as before).
+pub(crate) fn prelaunch_backends(config: &VmConfig) {
+    for d in config
+        .drives
+        .iter()
+        .filter(|d| d.interface != crate::config::DriveInterface::VirtioScsi)
+    {
+        if let (None, Some(path)) = (&d.socket, &d.path_on_host) {
+            let queues = d.num_queues.map(usize::from).unwrap_or(1);
+            BackendProcess::prelaunch(
+                &backend_binary("tern-blk"),
+                &d.drive_id,
+                &blk_backend_args(d, path, queues),
+            );
+        }
+    }
+    for n in &config.network_interfaces {
+        if let (None, Some(tap)) = (&n.socket, &n.host_dev_name) {
+            let pairs = usize::from(n.num_queues.unwrap_or(1));
+            BackendProcess::prelaunch(
+                &backend_binary("tern-net"),
+                &n.iface_id,
+                &net_backend_args(n, tap, pairs),
+            );
+        }
+    }
+}
+
 /// A drive's virtio-blk device: its managed backend started (or its
 /// external one connected) and the vhost-user connection made.
 pub(crate) fn blk_function(
@@ -608,25 +703,7 @@ pub(crate) fn blk_function(
     let (socket, process) = match (&d.socket, &d.path_on_host) {
         (Some(s), _) => (s.clone(), None),
         (None, Some(path)) => {
-            let mut args = vec![
-                "--image".to_string(),
-                path.display().to_string(),
-                "--format".into(),
-                match d.format {
-                    DriveFormat::Raw => "raw".into(),
-                    DriveFormat::Qcow2 => "qcow2".into(),
-                },
-                "--queues".into(),
-                queues.to_string(),
-                "--serial".into(),
-                d.serial.clone().unwrap_or_else(|| d.drive_id.clone()),
-            ];
-            if d.is_read_only {
-                args.push("--readonly".into());
-            }
-            if d.cache == DriveCache::Direct {
-                args.push("--direct".into());
-            }
+            let args = blk_backend_args(d, path, queues);
             let p = BackendProcess::start(&backend_binary("tern-blk"), &d.drive_id, &args)
                 .map_err(|err| VmmError::Backend {
                     drive: format!("drive {}", d.drive_id),
@@ -668,18 +745,7 @@ pub(crate) fn net_function(
     let (socket, process) = match (&n.socket, &n.host_dev_name) {
         (Some(s), _) => (s.clone(), None),
         (None, Some(tap)) => {
-            let mut args = vec![
-                "--tap".to_string(),
-                tap.clone(),
-                "--mac".into(),
-                crate::config::format_mac(&n.mac()),
-                "--queues".into(),
-                pairs.to_string(),
-            ];
-            if let Some(mtu) = n.mtu {
-                args.push("--mtu".into());
-                args.push(mtu.to_string());
-            }
+            let args = net_backend_args(n, tap, pairs);
             let p = BackendProcess::start(&backend_binary("tern-net"), &n.iface_id, &args)
                 .map_err(|err| VmmError::Backend {
                     drive: format!("network interface {}", n.iface_id),

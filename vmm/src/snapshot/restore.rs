@@ -143,9 +143,14 @@ impl Vmm {
         let state: SnapshotState = file::read_state(&src.state_path)?;
         let config = restored_config(&state, opts)?;
         let t_state = started.elapsed();
-        let ram = load_memory(&state, &config, &src.mem_path, exit)?;
-        let t_mem = started.elapsed();
-        let platform = Platform::build(config, ram, exit)?;
+        // The backends start up while memory and the VM are made.
+        crate::vmm::prelaunch_backends(&config);
+        let built = load_memory(&state, &config, &src.mem_path, exit)
+            .map(|ram| (started.elapsed(), ram))
+            .and_then(|(t_mem, ram)| Ok((t_mem, Platform::build(config, ram, exit)?)));
+        // Whatever was not taken (an error on the way) is stopped.
+        crate::vhost_user::backend_process::BackendProcess::discard_prelaunched();
+        let (t_mem, platform) = built?;
         let t_build = started.elapsed();
         let vmm = platform.finish(&state, !opts.resume, started)?;
         if let Some(fill) = &vmm.ram.filler {

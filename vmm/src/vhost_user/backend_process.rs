@@ -122,28 +122,75 @@ pub fn start_launcher() {
         });
 }
 
+/// A start under way on the launcher thread.
+type Launching = std::sync::mpsc::Receiver<Result<BackendProcess, BackendError>>;
+
+/// What a backend is started with: binary, id, arguments.
+type LaunchKey = (PathBuf, String, Vec<String>);
+
+/// Backends started ahead of need ([`BackendProcess::prelaunch`]).
+static PRELAUNCHED: std::sync::Mutex<Vec<(LaunchKey, Launching)>> =
+    std::sync::Mutex::new(Vec::new());
+
 impl BackendProcess {
     /// Starts `bin` with `args` and `--socket <runtime dir>/<id>.sock`, and
     /// waits until the socket accepts connections (on the launcher thread
-    /// when there is one).
+    /// when there is one). A backend prelaunched with the same arguments is
+    /// taken instead of starting another.
     pub fn start(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
-        let Some(launcher) = LAUNCHER.get() else {
-            return Self::start_here(bin, id, args);
+        let key = (bin.to_owned(), id.to_owned(), args.to_vec());
+        let prelaunched = {
+            let mut p = PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner());
+            p.iter()
+                .position(|(k, _)| *k == key)
+                .map(|i| p.swap_remove(i).1)
         };
+        if let Some(Ok(r)) = prelaunched.map(|rx| rx.recv()) {
+            return r;
+        }
+        match Self::launch(bin, id, args) {
+            Some(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Self::start_here(bin, id, args)),
+            None => Self::start_here(bin, id, args),
+        }
+    }
+
+    /// Starts a backend on the launcher thread without waiting for it, so
+    /// that it comes up while tern does other work (a restore creates the
+    /// VM meanwhile); the [`Self::start`] that needs it takes it.
+    pub fn prelaunch(bin: &Path, id: &str, args: &[String]) {
+        if let Some(rx) = Self::launch(bin, id, args) {
+            PRELAUNCHED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(((bin.to_owned(), id.to_owned(), args.to_vec()), rx));
+        }
+    }
+
+    /// Stops the prelaunched backends nobody took (a restore that failed).
+    pub fn discard_prelaunched() {
+        let left = std::mem::take(&mut *PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner()));
+        // Waiting drops each started process, which stops it.
+        for (_, rx) in left {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Hands the start to the launcher thread; None without one.
+    fn launch(bin: &Path, id: &str, args: &[String]) -> Option<Launching> {
+        let launcher = LAUNCHER.get()?;
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
         let (bin_c, id_c, args_c) = (bin.to_owned(), id.to_owned(), args.to_vec());
         let job: LaunchJob = Box::new(move || {
             let _ = reply_tx.send(Self::start_here(&bin_c, &id_c, &args_c));
         });
-        let sent = launcher
+        launcher
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .send(job)
-            .is_ok();
-        match reply_rx.recv() {
-            Ok(r) if sent => r,
-            _ => Self::start_here(bin, id, args),
-        }
+            .ok()?;
+        Some(reply_rx)
     }
 
     fn start_here(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
