@@ -285,3 +285,69 @@ fn hardware_kvm_scsi_luns_read_and_write_from_userspace() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `TICK n` lines a kit guest's loop printed.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("TICK "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn hardware_kvm_linux_with_a_disk_snapshots_and_restores_and_its_shell_goes_on() {
+    if !hardware_kvm_or_say_so("linux_with_a_disk_snapshots_and_restores") {
+        return;
+    }
+    let kit = guest_dir();
+    let dir = common::vm::Scratch::new("full-linux-snap");
+    let disk = dir.path("scratch.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    // The shell counts, and writes each count to the disk's first sector.
+    let cmdline = "console=ttyS0 panic=-1 quiet run=\"i=0; while true; do i=$((i+1)); \
+                   echo TICK $i; echo DISK$i | dd of=/dev/vda bs=512 count=1 conv=sync,fsync \
+                   2>/dev/null; sleep 1; done\"";
+    let drive = format!("path={}", disk.display());
+    let vm = common::vm::Vm::start(
+        Some(&dir.path("api.sock")),
+        &[
+            "--kernel",
+            kit.join("vmlinux").to_str().unwrap(),
+            "--initrd",
+            kit.join("initramfs.cpio.gz").to_str().unwrap(),
+            "--memory",
+            "512",
+            "--drive",
+            &drive,
+            "--cmdline",
+            cmdline,
+        ],
+    );
+    vm.wait_until(DEADLINE, "three ticks", || ticks(&vm.output()).len() >= 3);
+    vm.pause();
+    let before = *ticks(&vm.output()).last().unwrap();
+    vm.snapshot("Full", &state, &mem);
+    drop(vm);
+
+    let arg = format!("{},{}", state.display(), mem.display());
+    let r = common::vm::Vm::start(None, &["--restore", &arg]);
+    r.wait_until(DEADLINE, "three ticks after restore", || {
+        ticks(&r.output()).len() >= 3
+    });
+    let after = ticks(&r.output());
+    assert_eq!(
+        after[0],
+        before + 1,
+        "the shell's loop did not go on from {before}:\n{}",
+        r.output()
+    );
+    // The loop's last write reached the disk through the restored device.
+    let last = *after.last().unwrap();
+    let sector = std::fs::read(&disk).unwrap();
+    let text = String::from_utf8_lossy(&sector[..16]).into_owned();
+    assert!(
+        text.starts_with(&format!("DISK{last}")) || text.starts_with(&format!("DISK{}", last - 1)),
+        "the disk holds {text:?}, not the count {last}"
+    );
+}
