@@ -71,6 +71,8 @@ impl Vmm {
             }
         }
         lock(&self.watched).push(std::sync::Arc::downgrade(&entry.device));
+        let mut entry = entry;
+        entry.plugging = true;
         self.virtio.push(entry);
         crate::vmm::record_slots(&mut self.config, &self.virtio);
         lock(&self.machine.hotplug).plug(slot);
@@ -79,11 +81,6 @@ impl Vmm {
     /// Hot plugs a virtio-blk drive.
     pub fn hotplug_drive(&mut self, d: DriveConfig) -> Result<(), HotplugError> {
         self.check_can_plug()?;
-        if d.interface == DriveInterface::VirtioScsi {
-            return Err(refused(
-                "virtio-scsi LUNs cannot be added to a running VM yet; use a virtio-blk drive",
-            ));
-        }
         if d.is_root_device {
             return Err(refused("a root device cannot be hot plugged"));
         }
@@ -92,6 +89,9 @@ impl Vmm {
                 "drive {} exists; a running VM's drives cannot be changed",
                 d.drive_id
             )));
+        }
+        if d.interface == DriveInterface::VirtioScsi {
+            return self.hotplug_lun(d);
         }
         let mut next = self.config.clone();
         next.drives.push(d.clone());
@@ -165,10 +165,8 @@ impl Vmm {
         {
             return Err(refused(format!("drive {id} is the root device")));
         }
-        if self.virtio.iter().any(|v| v.luns.iter().any(|l| l == id)) {
-            return Err(refused(format!(
-                "drive {id} is a virtio-scsi LUN; LUNs cannot be removed from a running VM yet"
-            )));
+        if self.is_lun(id) {
+            return self.remove_lun(id);
         }
         let Some(entry) = self.virtio.iter_mut().find(|v| v.id == id) else {
             return Err(refused(format!("no drive or network interface {id}")));

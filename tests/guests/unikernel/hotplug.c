@@ -4,6 +4,7 @@
 #include "kernel.h"
 #include "lib.h"
 #include "pci.h"
+#include "scsi_test.h"
 #include "serial.h"
 #include "net_test.h"
 #include "virtio_blk.h"
@@ -70,8 +71,20 @@ static void blk_plugged(unsigned slot)
 		(unsigned long)hpblk.capacity, ws, rs, bad);
 }
 
+/* A plugged disk the guest waits to drive (hpdelay=N beats). */
+static int pending_slot = -1;
+static uint32_t pending_beats;
+
 int hotplug_parse_key(const char *k, size_t kn, const char *v, size_t vn)
 {
+	if (word_eq(k, kn, "hpdelay")) {
+		int64_t m = parse_num(v, vn);
+		if (m < 0 || m > 100000)
+			check_fail("bad hpdelay= value");
+		else
+			scsi_hp_delay = (uint32_t)m;
+		return 1;
+	}
 	if (!word_eq(k, kn, "hotplug"))
 		return 0;
 	int64_t m = parse_num(v, vn);
@@ -94,6 +107,13 @@ void hotplug_beat(void)
 {
 	if (!enabled)
 		return;
+	scsi_hotplug_beat();
+	if (pending_slot >= 0 && pending_beats-- == 0) {
+		unsigned slot = (unsigned)pending_slot;
+		pending_slot = -1;
+		kprintf("HOTPLUG enabling slot=%u\n", slot);
+		blk_plugged(slot);
+	}
 	uint32_t up = inl(PCIHP_UP);
 	uint32_t down = inl(PCIHP_DOWN);
 	for (unsigned slot = 0; slot < 32; slot++) {
@@ -102,14 +122,21 @@ void hotplug_beat(void)
 			uint32_t id = slot_id(slot);
 			kprintf("HOTPLUG up slot=%u vendor=%x device=%x slots=%x\n", slot, id & 0xffff,
 				id >> 16, inl(PCIHP_SLOTS));
-			if ((id >> 16) == VIRTIO_BLK_PCI_ID)
+			if ((id >> 16) == VIRTIO_BLK_PCI_ID && scsi_hp_delay && pending_slot < 0) {
+				/* Found now, driven (DRIVER_OK) only some beats later. */
+				pending_slot = (int)slot;
+				pending_beats = scsi_hp_delay;
+			} else if ((id >> 16) == VIRTIO_BLK_PCI_ID) {
 				blk_plugged(slot);
+			}
 			if ((id >> 16) == VIRTIO_NET_PCI_ID && net_serve_add(PCI_BDF(0, slot, 0)) >= 0)
 				nets++;
 		}
 		if (down & bit) {
 			/* Stop the device (reset: it no longer touches our memory),
 			 * then let go of the slot. */
+			if (pending_slot == (int)slot)
+				pending_slot = -1;
 			if (hpblk_slot == (int)slot) {
 				vblk_close(&hpblk);
 				hpblk_slot = -1;
