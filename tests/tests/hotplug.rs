@@ -340,3 +340,99 @@ fn nic_plugged_answers_pings_and_is_gone_after_unplug() {
     let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
     vm.wait_beat(before + 3, T);
 }
+
+/// `GET /devices` shows a hot plugged disk `plugging` until the guest's
+/// driver has it running (DRIVER_OK), and a hot added LUN `plugging` until
+/// the guest sends it a command. The guest (`hpdelay=100`) waits 100 beats
+/// between finding the device and enabling it, so the window is seconds
+/// long and each state is observed while the guest is known to be on that
+/// side of it.
+#[test]
+fn plugged_devices_are_plugging_until_the_guest_enables_them() {
+    let dir = Scratch::new("hp-plugging");
+    let (img, lun0, lun1) = (dir.path("hot.raw"), dir.path("l0.raw"), dir.path("l1.raw"));
+    for i in [&img, &lun0, &lun1] {
+        raw(i, 4);
+    }
+    let vm = boot(
+        &dir,
+        "vm",
+        None,
+        machine(64),
+        &[(
+            "/drives/s0",
+            json!({ "path_on_host": lun0, "interface": "virtio-scsi" }),
+        )],
+        "action=heartbeat period=20 hotplug=1 hpdelay=100",
+    );
+    vm.wait_until(T, "the guest's first scan", || {
+        vm.lines().iter().any(|l| l == "scsi: report luns: 0")
+    });
+    let state = |id: &str| device(&vm, id).map(|d| d["state"].clone());
+    assert_eq!(state("s0"), None, "LUNs are not PCI devices");
+    assert_eq!(state("scsi0"), Some(json!("attached")));
+
+    vm.expect(
+        "PUT",
+        "/drives/hot",
+        Some(&json!({ "path_on_host": img }).to_string()),
+        204,
+    );
+    assert_eq!(
+        state("hot"),
+        Some(json!("plugging")),
+        "right after the plug"
+    );
+    let slot = slot_of(&device(&vm, "hot").unwrap());
+    wait_up(&vm, slot, 1);
+    let enabling = format!("HOTPLUG enabling slot={slot}");
+    let seen = state("hot");
+    assert!(
+        !vm.lines().contains(&enabling),
+        "the guest was to wait 100 beats before enabling the disk"
+    );
+    assert_eq!(seen, Some(json!("plugging")), "found, not yet enabled");
+    let done = format!("HOTPLUG blk slot={slot} ");
+    vm.wait_until(T, "the guest to drive the disk", || {
+        vm.lines().iter().any(|l| l.starts_with(&done))
+    });
+    assert_eq!(state("hot"), Some(json!("attached")), "after DRIVER_OK");
+
+    let lun_state = || {
+        device(&vm, "scsi0").and_then(|c| {
+            c["scsi_luns"]
+                .as_array()?
+                .iter()
+                .find(|l| l["id"] == "s1")
+                .map(|l| l["state"].clone())
+        })
+    };
+    vm.expect(
+        "PUT",
+        "/drives/s1",
+        Some(&json!({ "path_on_host": lun1, "interface": "virtio-scsi" }).to_string()),
+        204,
+    );
+    assert_eq!(lun_state(), Some(json!("plugging")), "right after the add");
+    vm.wait_until(T, "the guest to take the event", || {
+        vm.lines()
+            .iter()
+            .any(|l| l == "scsi: event transport reset lun 1 rescan")
+    });
+    let seen = lun_state();
+    assert!(
+        !vm.lines().iter().any(|l| l == "scsi: report luns: 0 1"),
+        "the guest was to wait 100 beats before using the LUN"
+    );
+    assert_eq!(seen, Some(json!("plugging")), "event taken, not yet used");
+    vm.wait_until(T, "the guest to drive LUN 1", || {
+        vm.lines()
+            .iter()
+            .any(|l| l == "scsi: lun 1 write=ok sync=ok read=ok mismatches=0")
+    });
+    assert_eq!(
+        lun_state(),
+        Some(json!("attached")),
+        "after its first command"
+    );
+}
