@@ -74,8 +74,33 @@ impl Vmm {
         let mut entry = entry;
         entry.plugging = true;
         self.virtio.push(entry);
+        self.build_order();
         crate::vmm::record_slots(&mut self.config, &self.virtio);
         lock(&self.machine.hotplug).plug(slot);
+    }
+
+    /// Puts the devices in the order a VM built from the configuration has
+    /// them (virtio-blk drives, root first, then the virtio-scsi controller,
+    /// then NICs, each in configuration order): a snapshot or migration
+    /// stream lists device states in this order and the restoring side
+    /// rebuilds the devices from the configuration in it.
+    fn build_order(&mut self) {
+        let config = &self.config;
+        let rank = |v: &VirtioEntry| -> (u8, bool, usize) {
+            if !v.luns.is_empty() {
+                return (1, false, 0);
+            }
+            if let Some(i) = config.drives.iter().position(|d| d.drive_id == v.id) {
+                return (0, !config.drives[i].is_root_device, i);
+            }
+            let i = config
+                .network_interfaces
+                .iter()
+                .position(|n| n.iface_id == v.id)
+                .unwrap_or(usize::MAX);
+            (2, false, i)
+        };
+        self.virtio.sort_by_cached_key(rank);
     }
 
     /// Hot plugs a virtio-blk drive.

@@ -6,7 +6,9 @@
 
 #include <stddef.h>
 
-/* hotplug=1: poll at every beat; hpdelay=N: drive a plugged disk (and act
+/* hotplug=1: poll at every beat (up to 3 plugged disks driven at once);
+ * hpcheck=N: every N beats read each plugged disk's pattern back
+ * ("HOTPLUG check slot=S read=0 mismatches=0"); hpdelay=N: drive a plugged disk (and act
  * on a virtio-scsi event) only N beats after seeing it, printing
  * "HOTPLUG enabling slot=S" first. Returns 1 if the key was ours. */
 int hotplug_parse_key(const char *k, size_t kn, const char *v, size_t vn);
