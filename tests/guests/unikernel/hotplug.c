@@ -75,6 +75,10 @@ static void blk_plugged(unsigned slot)
 		return;
 	}
 	hpblk_slot[d] = (int)slot;
+	/* Its first request, before the guest's (slow, emulated) byte loops:
+	 * tern-bench hotplug times this line. */
+	int fs = vblk_rw(&hpblk[d], 0, 0, 0, hpbuf, VBLK_SECTOR, VBLK_SECTOR);
+	kprintf("HOTPLUG blk first-io slot=%u status=%d\n", slot, fs);
 	for (uint32_t i = 0; i < HP_LEN; i++)
 		hpbuf[i] = hp_byte(i, slot);
 	int ws = vblk_rw(&hpblk[d], 0, 1, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
@@ -160,8 +164,14 @@ void hotplug_beat(void)
 			} else if ((id >> 16) == VIRTIO_BLK_PCI_ID) {
 				blk_plugged(slot);
 			}
-			if ((id >> 16) == VIRTIO_NET_PCI_ID && net_serve_add(PCI_BDF(0, slot, 0)) >= 0)
+			int nic;
+			if ((id >> 16) == VIRTIO_NET_PCI_ID &&
+			    (nic = net_serve_add(PCI_BDF(0, slot, 0))) >= 0) {
 				nets++;
+				/* Its first request: one frame out (tern-bench hotplug times this). */
+				kprintf("HOTPLUG net slot=%u tx=%s\n", slot,
+					net_serve_announce(nic) == 0 ? "ok" : "failed");
+			}
 		}
 		if (down & bit) {
 			/* Stop the device (reset: it no longer touches our memory),

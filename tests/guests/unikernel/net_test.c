@@ -813,6 +813,28 @@ int net_serve_add(uint16_t bdf)
 	return i;
 }
 
+int net_serve_announce(int i)
+{
+	if (i < 0 || i >= serve_cnt || !nics[i].up)
+		return -1;
+	struct nic *n = &nics[i];
+	struct virtq *q = &n->v.txq[0];
+	uint16_t before = q->used[1];
+	if (send_arp(n, 0, 1, bcast, n->ip) != 0)
+		return -1;
+	/* Spin a little (the backend answers in microseconds), then 1 ms steps. */
+	for (uint32_t t = 0; t < 1000 + 1000; t++) {
+		barrier();
+		if (q->used[1] != before) {
+			vnet_tx_reclaim(&n->v);
+			return 0;
+		}
+		if (t >= 1000)
+			delay_ms(1);
+	}
+	return -1;
+}
+
 /* The NIC at bdf is going away: reset it and stop serving it. */
 void net_serve_remove(uint16_t bdf)
 {

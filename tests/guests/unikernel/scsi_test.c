@@ -646,6 +646,12 @@ static void hp_report_luns(void)
 static void hp_drive(uint16_t lun)
 {
 	uint8_t cdb[10];
+	/* The first command, as Linux's scan sends it (INQUIRY), before the
+	 * guest's (slow, emulated) byte loops: tern-bench hotplug times this. */
+	uint8_t inq[6] = { 0x12, 0, 0, 0, 36, 0 };
+	int is = cmd(lun, inq, 6, small, 36, 36, 1);
+	kprintf("scsi: lun %u first-io %s\n", lun,
+		is == 0 && res.response == VIRTIO_SCSI_S_OK && res.status == SCSI_GOOD ? "ok" : "failed");
 	for (uint32_t i = 0; i < HPL_LEN; i++)
 		wbuf[i] = pattern_byte(lun, HPL_OFF + i);
 	memset(cdb, 0, sizeof(cdb));
