@@ -787,11 +787,18 @@ int net_serve_add(uint16_t bdf)
 {
 	const struct pci_access a = { PCI_CF8, 0 };
 	struct vpci_window w = { 0xc0000000ull, 0xfec00000ull, 0, 0, 0 };
-	int i = 0;
+	int i = 0, any_up = 0;
 	while (i < serve_cnt && nics[i].up)
 		i++;
 	if (i >= MAX_NICS)
 		return -1;
+	for (int k = 0; k < serve_cnt; k++)
+		any_up |= nics[k].up;
+	/* The ring and buffer pool is never freed piecemeal: with no NIC left
+	 * (all unplugged), it starts over, so plug/unplug cycles do not run
+	 * out of it. */
+	if (!any_up)
+		vnet_pool_reset();
 	struct nic *n = &nics[i];
 	n->up = 0;
 	if (vnet_init(&n->v, &a, bdf, &w, 1) != 0)

@@ -214,6 +214,8 @@ fn ms(d: Duration) -> f64 {
 /// Samples of one device kind: plug -> first request, unplug -> gone.
 #[derive(Default)]
 struct Samples {
+    /// PUT -> its 204 (backend started and connected, device on the bus).
+    answer: Vec<f64>,
     plug: Vec<f64>,
     unplug: Vec<f64>,
 }
@@ -331,6 +333,7 @@ fn run(
             "/drives/hp",
             Some(&json!({"path_on_host": blk})),
         )?;
+        let answered = ms(t0.elapsed());
         let (line, at) = vm.wait_line("HOTPLUG blk first-io ", limit)?;
         if !line.ends_with("status=0") {
             return Err(format!("guest: {line}"));
@@ -343,6 +346,7 @@ fn run(
         }
         let gone = unplug(&mut c, "/drives/hp", "hp")?;
         if keep {
+            b.answer.push(answered);
             b.plug.push(plug);
             b.unplug.push(gone);
         }
@@ -355,6 +359,7 @@ fn run(
                 "/network-interfaces/hpn",
                 Some(&json!({"host_dev_name": tap.0})),
             )?;
+            let answered = ms(t0.elapsed());
             let (line, at) = vm.wait_line("HOTPLUG net ", limit)?;
             if !line.ends_with("tx=ok") {
                 return Err(format!("guest: {line}"));
@@ -362,6 +367,7 @@ fn run(
             let plug = ms(at - t0);
             let gone = unplug(&mut c, "/network-interfaces/hpn", "hpn")?;
             if keep {
+                n.answer.push(answered);
                 n.plug.push(plug);
                 n.unplug.push(gone);
             }
@@ -374,6 +380,7 @@ fn run(
             "/drives/s1",
             Some(&json!({"path_on_host": lun1, "interface": "virtio-scsi"})),
         )?;
+        let answered = ms(t0.elapsed());
         let (line, at) = vm.wait_line("scsi: lun 1 first-io ", limit)?;
         if !line.ends_with(" ok") {
             return Err(format!("guest: {line}"));
@@ -391,6 +398,7 @@ fn run(
             return Err(format!("guest after the LUN's removal: {line}"));
         }
         if keep {
+            l.answer.push(answered);
             l.plug.push(plug);
             l.unplug.push(ms(at - t1));
         }
@@ -411,9 +419,19 @@ fn run(
         "tern-bench hotplug: {} runs each; ms median min max; guest heartbeat (poll) period {} ms",
         o.runs, o.period
     );
+    row(
+        "virtio-blk",
+        "PUT -> 204 (backend up, device on the bus)",
+        &b.answer,
+    );
     row("virtio-blk", "PUT -> guest's first request done", &b.plug);
     row("virtio-blk", "DELETE -> gone from GET /devices", &b.unplug);
     if !n.plug.is_empty() {
+        row(
+            "virtio-net",
+            "PUT -> 204 (backend up, device on the bus)",
+            &n.answer,
+        );
         row(
             "virtio-net",
             "PUT -> device took the guest's first frame",
@@ -421,6 +439,11 @@ fn run(
         );
         row("virtio-net", "DELETE -> gone from GET /devices", &n.unplug);
     }
+    row(
+        "scsi LUN",
+        "PUT -> 204 (tern-scsi opened it, event raised)",
+        &l.answer,
+    );
     row(
         "scsi LUN",
         "PUT -> guest's first command (INQUIRY) done",
@@ -432,9 +455,9 @@ fn run(
             "machine": machine.json(),
             "runs": o.runs,
             "period_ms": o.period,
-            "blk": {"plug_ms": b.plug, "unplug_ms": b.unplug},
-            "net": {"plug_ms": n.plug, "unplug_ms": n.unplug},
-            "scsi_lun": {"plug_ms": l.plug, "unplug_ms": l.unplug},
+            "blk": {"answer_ms": b.answer, "plug_ms": b.plug, "unplug_ms": b.unplug},
+            "net": {"answer_ms": n.answer, "plug_ms": n.plug, "unplug_ms": n.unplug},
+            "scsi_lun": {"answer_ms": l.answer, "plug_ms": l.plug, "unplug_ms": l.unplug},
         });
         std::fs::write(path, v.to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
     }
