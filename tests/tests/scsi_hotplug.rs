@@ -402,3 +402,80 @@ fn lun_refusals_are_exact_and_change_nothing() {
     let _ = ext.kill();
     let _ = ext.wait();
 }
+
+/// The kit's command line for kernel-only boots on software-KVM hosts (as
+/// tests/tests/scsi.rs), without `quiet`: the kernel log is the evidence.
+const PVM_CMDLINE: &str = "console=ttyS0 panic=-1 noxsave tsc=reliable no_timer_check nopvspin \
+clearcpuid=cx16,xsave,popcnt,smap,smep,fsgsbase,pcid,invpcid,rdrand,rdseed,lfence_rdtsc,rdtscp,rdpid";
+
+/// Real Linux (the kit's kernel, booted until its init, which is as far as
+/// Linux gets on a kvm_pvm host): its virtio_scsi driver takes tern-scsi's
+/// RESCAN event for a LUN added while it boots and attaches the disk
+/// (`sd 0:0:0:1`, with the image's size), and the REMOVED event after the
+/// DELETE makes it let the disk go. Minutes on a software KVM.
+#[test]
+fn linux_attaches_a_hot_added_lun_and_lets_a_removed_one_go() {
+    let kit = common::guest_dir();
+    let initrd = common::uncompressed_initramfs(&kit);
+    let dir = Scratch::new("shp-linux");
+    let (l0, l1) = (dir.path("l0.raw"), dir.path("l1.raw"));
+    raw(&l0, 4);
+    raw(&l1, 8);
+    let drive = format!("path={},id=s0,interface=virtio-scsi", l0.display());
+    let vm = Vm::start(
+        Some(&dir.path("api.sock")),
+        &[
+            "--kernel",
+            kit.join("vmlinux").to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512",
+            "--cpus",
+            "1",
+            "--cmdline",
+            PVM_CMDLINE,
+            "--drive",
+            &drive,
+        ],
+    );
+    let long = std::time::Duration::from_secs(20 * 60);
+    let logged = |needle: &str| vm.lines().iter().any(|l| l.contains(needle));
+    vm.wait_until(long, "the boot LUN's disk", || {
+        logged("sd 0:0:0:0: [sda] Attached SCSI disk")
+    });
+    let added = std::time::Instant::now();
+    vm.expect("PUT", "/drives/s1", Some(&scsi(&l1).to_string()), 204);
+    vm.wait_until(long, "Linux to attach the hot added LUN", || {
+        logged("sd 0:0:0:1: [sdb] Attached SCSI disk") || logged("Run /init as init process")
+    });
+    eprintln!("LUN 1 attached {:?} after the PUT", added.elapsed());
+    assert!(
+        logged("scsi 0:0:0:1: Direct-Access     TERN     VIRTUAL DISK"),
+        "{}",
+        vm.output()
+    );
+    assert!(
+        logged("sd 0:0:0:1: [sdb] 16384 512-byte logical blocks"),
+        "{}",
+        vm.output()
+    );
+    assert_eq!(
+        luns(&vm).iter().find(|l| l.0 == "s1").map(|l| l.2.as_str()),
+        Some("attached"),
+        "Linux sent the LUN commands"
+    );
+    vm.expect("DELETE", "/drives/s1", None, 204);
+    // sd's removal flushes the disk's write cache (WCE is on by default).
+    vm.wait_until(long, "Linux to let the removed LUN go", || {
+        logged("sd 0:0:0:1: [sdb] Synchronizing SCSI cache") || logged("Run /init as init process")
+    });
+    assert!(
+        logged("sd 0:0:0:1: [sdb] Synchronizing SCSI cache"),
+        "{}",
+        vm.output()
+    );
+    for l in vm.lines().iter().filter(|l| l.contains("0:0:0:1:")) {
+        eprintln!("{l}");
+    }
+}

@@ -29,7 +29,7 @@ use tern_image::Format;
 
 use crate::backend::ScsiBackend;
 use crate::config::{valid_serial, LunSpec};
-use crate::lun::{virtio_lun, Lun};
+use crate::lun::{event_lun, Lun};
 use crate::target::{Target, TargetError};
 
 /// Longest request line read; a longer one is refused and the connection closed.
@@ -215,7 +215,7 @@ impl Control {
     fn notify(&self, lun: u16, removed: bool) -> bool {
         self.frontend
             .get()
-            .is_some_and(|b| b.raise_transport_reset(virtio_lun(lun), removed))
+            .is_some_and(|b| b.raise_transport_reset(event_lun(lun), removed))
     }
 
     /// Serves connections on `listener`, one at a time, until the process
@@ -307,7 +307,7 @@ mod tests {
             c.handle_line(r#"{"op":"list"}"#),
             json!({"ok": true, "luns": [{"lun": 0, "seen": false}, {"lun": 3, "seen": false}]})
         );
-        t.lookup(&virtio_lun(3)).unwrap().mark_seen();
+        t.lookup(&crate::lun::virtio_lun(3)).unwrap().mark_seen();
         assert_eq!(c.handle_line(r#"{"op":"list"}"#)["luns"][1]["seen"], true);
         assert_eq!(
             c.handle_line(r#"{"op":"remove_lun","lun":3}"#),

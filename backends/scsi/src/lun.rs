@@ -533,6 +533,19 @@ pub fn encode_lun(lun: u16) -> [u8; 8] {
     b
 }
 
+/// The LUN field of an event about `lun` on target 0: bytes 2-3 as REPORT
+/// LUNS lists the unit ([`encode_lun`]: peripheral below 256). Linux's
+/// virtio_scsi takes `lun[2] << 8 | lun[3]` of an event as the LUN number
+/// it adds or removes, the number its REPORT LUNS scan gave the unit; flat
+/// addressing here would make LUN 1 its LUN 16385 (QEMU encodes events
+/// the same way, for this reason).
+pub fn event_lun(lun: u16) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0] = 1;
+    b[2..4].copy_from_slice(&encode_lun(lun)[0..2]);
+    b
+}
+
 /// The virtio-scsi LUN field for `lun` on target 0 (flat addressing, as
 /// Linux's virtio_scsi builds it).
 pub fn virtio_lun(lun: u16) -> [u8; 8] {
@@ -867,6 +880,10 @@ mod tests {
             "second level"
         );
         assert_eq!(encode_lun(5), [0, 5, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(event_lun(5), [1, 0, 0, 5, 0, 0, 0, 0]);
+        assert_eq!(event_lun(300), [1, 0, 0x41, 0x2C, 0, 0, 0, 0]);
+        assert_eq!(decode_lun(&event_lun(5)), Some(5));
+        assert_eq!(decode_lun(&event_lun(300)), Some(300));
         assert_eq!(encode_lun(300), [0x41, 0x2C, 0, 0, 0, 0, 0, 0]);
     }
 
