@@ -855,4 +855,31 @@ mod tests {
             .to_string()
             .contains("at most 256 LUNs"));
     }
+
+    #[test]
+    fn lun_numbers_are_checked() {
+        let with = |id: &str, lun: Option<u16>| DriveConfig {
+            lun,
+            ..scsi_drive(id, None)
+        };
+        let ok = VmConfig {
+            drives: vec![with("a", Some(3)), with("b", None), with("c", Some(0))],
+            ..Default::default()
+        };
+        ok.validate_drives().unwrap();
+        let twice = VmConfig {
+            drives: vec![with("a", Some(3)), with("b", Some(3))],
+            ..Default::default()
+        };
+        let e = twice.validate_drives().unwrap_err().to_string();
+        assert!(e.contains("a and b both ask for LUN 3"), "{e}");
+        let e = with("a", Some(256)).validate().unwrap_err().to_string();
+        assert!(e.contains("lun 256 is out of range (0 to 255)"), "{e}");
+        let blk = DriveConfig {
+            interface: DriveInterface::VirtioBlk,
+            ..with("a", Some(1))
+        };
+        let e = blk.validate().unwrap_err().to_string();
+        assert!(e.contains("lun is only for virtio-scsi drives"), "{e}");
+    }
 }
