@@ -229,19 +229,31 @@ fn snapshot_after_lun_changes_keeps_lun_numbers() {
     assert_pattern(&img, 1);
 }
 
+/// A process killed when dropped (also when a test fails midway).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// An external tern-scsi on `sock` with one LUN.
-fn external_scsi(sock: &Path, img: &Path) -> Child {
+fn external_scsi(sock: &Path, img: &Path) -> Killed {
     let bin = tern_bin().with_file_name("tern-scsi");
-    let child = Command::new(bin)
-        .arg("--socket")
-        .arg(sock)
-        .arg("--lun")
-        .arg(img)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn tern-scsi");
+    let child = Killed(
+        Command::new(bin)
+            .arg("--socket")
+            .arg(sock)
+            .arg("--lun")
+            .arg(img)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tern-scsi"),
+    );
     let start = std::time::Instant::now();
     while !sock.exists() {
         assert!(start.elapsed() < T, "tern-scsi's socket");
@@ -376,7 +388,7 @@ fn lun_refusals_are_exact_and_change_nothing() {
 
     // An external backend: tern does not change what someone else serves.
     let sock = dir.path("backend.sock");
-    let mut ext = external_scsi(&sock, &img);
+    let _ext = external_scsi(&sock, &img);
     let vm = boot(
         &dir,
         "ext",
@@ -399,8 +411,6 @@ fn lun_refusals_are_exact_and_change_nothing() {
         "external backend",
     );
     drop(vm);
-    let _ = ext.kill();
-    let _ = ext.wait();
 }
 
 /// The kit's command line for kernel-only boots on software-KVM hosts (as
