@@ -351,3 +351,60 @@ fn hardware_kvm_linux_with_a_disk_snapshots_and_restores_and_its_shell_goes_on()
         "the disk holds {text:?}, not the count {last}"
     );
 }
+
+/// Issue 10 on real hardware: Linux's acpiphp (CONFIG_HOTPLUG_PCI_ACPI in
+/// tools/guest-image/microvm.config) sees a disk hot plugged over the API
+/// appear as /sys/block/vdb, and lets it go (eject) after DELETE. The kit
+/// kernel must have been rebuilt with that option.
+#[test]
+fn hardware_kvm_linux_sees_a_hot_plugged_disk_come_and_go() {
+    if !hardware_kvm_or_say_so("linux_sees_a_hot_plugged_disk_come_and_go") {
+        return;
+    }
+    let dir = common::vm::Scratch::new("fl-hotplug");
+    let img = dir.path("hot.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // Wait (up to 60 s each) for vdb to come, then to go.
+    let script = "echo HP-WAIT; \
+                  i=0; while [ ! -e /sys/block/vdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; \
+                  echo HP-PLUGGED $(cat /sys/block/vdb/size); \
+                  i=0; while [ -e /sys/block/vdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; \
+                  echo HP-GONE $(ls /sys/block)";
+    let cmdline = format!("console=ttyS0 panic=-1 quiet run=\"{script}\"");
+    let kit = guest_dir();
+    let (kernel, initrd) = (kit.join("vmlinux"), kit.join("initramfs.cpio.gz"));
+    let mut vm = common::vm::Vm::start(
+        Some(&dir.path("api.sock")),
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512",
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    vm.wait_line("HP-WAIT", DEADLINE);
+    vm.expect(
+        "PUT",
+        "/drives/hot",
+        Some(&serde_json::json!({ "path_on_host": img }).to_string()),
+        204,
+    );
+    let plugged = vm.wait_line("HP-PLUGGED", DEADLINE);
+    assert_eq!(plugged.trim(), "HP-PLUGGED 32768", "{}", vm.output());
+    vm.expect("DELETE", "/drives/hot", None, 204);
+    let gone = vm.wait_line("HP-GONE", DEADLINE);
+    assert!(!gone.contains("vdb"), "{gone}\n{}", vm.output());
+    vm.wait_until(DEADLINE, "the drive to leave GET /devices", || {
+        !vm.expect("GET", "/devices", None, 200)
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["id"] == "hot"))
+    });
+    assert_eq!(vm.wait_exit(DEADLINE), Some(0), "{}", vm.output());
+}

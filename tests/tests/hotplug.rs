@@ -340,3 +340,240 @@ fn nic_plugged_answers_pings_and_is_gone_after_unplug() {
     let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
     vm.wait_beat(before + 3, T);
 }
+
+/// `GET /devices` shows a hot plugged disk `plugging` until the guest's
+/// driver has it running (DRIVER_OK), and a hot added LUN `plugging` until
+/// the guest sends it a command. The guest (`hpdelay=100`) waits 100 beats
+/// between finding the device and enabling it, so the window is seconds
+/// long and each state is observed while the guest is known to be on that
+/// side of it.
+#[test]
+fn plugged_devices_are_plugging_until_the_guest_enables_them() {
+    let dir = Scratch::new("hp-plugging");
+    let (img, lun0, lun1) = (dir.path("hot.raw"), dir.path("l0.raw"), dir.path("l1.raw"));
+    for i in [&img, &lun0, &lun1] {
+        raw(i, 4);
+    }
+    let vm = boot(
+        &dir,
+        "vm",
+        None,
+        machine(64),
+        &[(
+            "/drives/s0",
+            json!({ "path_on_host": lun0, "interface": "virtio-scsi" }),
+        )],
+        "action=heartbeat period=20 hotplug=1 hpdelay=100",
+    );
+    vm.wait_until(T, "the guest's first scan", || {
+        vm.lines().iter().any(|l| l == "scsi: report luns: 0")
+    });
+    let state = |id: &str| device(&vm, id).map(|d| d["state"].clone());
+    assert_eq!(state("s0"), None, "LUNs are not PCI devices");
+    assert_eq!(state("scsi0"), Some(json!("attached")));
+
+    vm.expect(
+        "PUT",
+        "/drives/hot",
+        Some(&json!({ "path_on_host": img }).to_string()),
+        204,
+    );
+    assert_eq!(
+        state("hot"),
+        Some(json!("plugging")),
+        "right after the plug"
+    );
+    let slot = slot_of(&device(&vm, "hot").unwrap());
+    wait_up(&vm, slot, 1);
+    let enabling = format!("HOTPLUG enabling slot={slot}");
+    let seen = state("hot");
+    assert!(
+        !vm.lines().contains(&enabling),
+        "the guest was to wait 100 beats before enabling the disk"
+    );
+    assert_eq!(seen, Some(json!("plugging")), "found, not yet enabled");
+    let done = format!("HOTPLUG blk slot={slot} ");
+    vm.wait_until(T, "the guest to drive the disk", || {
+        vm.lines().iter().any(|l| l.starts_with(&done))
+    });
+    assert_eq!(state("hot"), Some(json!("attached")), "after DRIVER_OK");
+
+    let lun_state = || {
+        device(&vm, "scsi0").and_then(|c| {
+            c["scsi_luns"]
+                .as_array()?
+                .iter()
+                .find(|l| l["id"] == "s1")
+                .map(|l| l["state"].clone())
+        })
+    };
+    vm.expect(
+        "PUT",
+        "/drives/s1",
+        Some(&json!({ "path_on_host": lun1, "interface": "virtio-scsi" }).to_string()),
+        204,
+    );
+    assert_eq!(lun_state(), Some(json!("plugging")), "right after the add");
+    vm.wait_until(T, "the guest to take the event", || {
+        vm.lines()
+            .iter()
+            .any(|l| l == "scsi: event transport reset lun 1 rescan")
+    });
+    let seen = lun_state();
+    assert!(
+        !vm.lines().iter().any(|l| l == "scsi: report luns: 0 1"),
+        "the guest was to wait 100 beats before using the LUN"
+    );
+    assert_eq!(seen, Some(json!("plugging")), "event taken, not yet used");
+    vm.wait_until(T, "the guest to drive LUN 1", || {
+        vm.lines()
+            .iter()
+            .any(|l| l == "scsi: lun 1 write=ok sync=ok read=ok mismatches=0")
+    });
+    assert_eq!(
+        lun_state(),
+        Some(json!("attached")),
+        "after its first command"
+    );
+}
+
+/// `(id, pci_address)` of every virtio device, sorted.
+fn addresses(vm: &Vm) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = devices(vm)
+        .into_iter()
+        .filter(|d| d["kind"].as_str().is_some_and(|k| k.starts_with("virtio")))
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap_or_default().to_string(),
+                d["pci_address"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A VM that had disks plugged, one unplugged (a hole in the slots) and a
+/// LUN added live-migrates over a Unix socket: the destination shows every
+/// device at the address it had, the LUNs under their numbers, the guest
+/// reads its pattern back from the plugged disk through the destination's
+/// backend, and the destination's hot plug goes on (the next disk takes
+/// the hole).
+#[test]
+fn migration_after_hot_plug_keeps_addresses_and_the_plugged_disk() {
+    let dir = Scratch::new("hp-mig");
+    let imgs: Vec<_> = ["d0", "x", "d2", "s0", "s1", "y"]
+        .iter()
+        .map(|n| dir.path(&format!("{n}.raw")))
+        .collect();
+    for i in &imgs {
+        raw(i, 4);
+    }
+    let mut src = boot(
+        &dir,
+        "src",
+        None,
+        machine(64),
+        &[
+            ("/drives/d0", json!({ "path_on_host": imgs[0] })),
+            (
+                "/drives/s0",
+                json!({ "path_on_host": imgs[3], "interface": "virtio-scsi" }),
+            ),
+        ],
+        "action=heartbeat period=20 hotplug=1 hpcheck=10",
+    );
+    src.wait_beat(2, T);
+    let mut slots = Vec::new();
+    for (id, img) in [("x", &imgs[1]), ("d2", &imgs[2])] {
+        src.expect(
+            "PUT",
+            &format!("/drives/{id}"),
+            Some(&json!({ "path_on_host": img }).to_string()),
+            204,
+        );
+        let slot = slot_of(&device(&src, id).unwrap());
+        let done = format!("HOTPLUG blk slot={slot} ");
+        src.wait_until(T, &format!("the guest to drive {id}"), || {
+            src.lines().iter().any(|l| l.starts_with(&done))
+        });
+        slots.push(slot);
+    }
+    src.expect("DELETE", "/drives/x", None, 204);
+    src.wait_until(T, "x's unplug", || device(&src, "x").is_none());
+    src.expect(
+        "PUT",
+        "/drives/s1",
+        Some(&json!({ "path_on_host": imgs[4], "interface": "virtio-scsi" }).to_string()),
+        204,
+    );
+    src.wait_until(T, "the guest to use LUN 1", || {
+        src.lines()
+            .iter()
+            .any(|l| l == "scsi: lun 1 write=ok sync=ok read=ok mismatches=0")
+    });
+    let before = addresses(&src);
+    let luns_before = device(&src, "scsi0").map(|c| c["luns"].clone());
+    assert!(
+        before
+            .iter()
+            .all(|(_, a)| a != &format!("0000:00:{:02x}.0", slots[0])),
+        "x's slot is a hole: {before:?}"
+    );
+
+    let dst = Vm::start(Some(&dir.path("dst.sock")), &[]);
+    let url = format!("unix:{}", dir.path("mig.sock").display());
+    dst.expect(
+        "PUT",
+        "/migration/receive",
+        Some(&json!({ "url": url }).to_string()),
+        204,
+    );
+    src.expect(
+        "PUT",
+        "/migration/send",
+        Some(&json!({ "url": url, "downtime_limit_ms": 100 }).to_string()),
+        204,
+    );
+    assert_eq!(src.wait_exit(T), Some(0), "source:\n{}", src.output());
+    dst.wait_until(T, "the migration to complete", || {
+        dst.expect("GET", "/migration", None, 200)["status"] == "completed"
+    });
+    assert_eq!(
+        addresses(&dst),
+        before,
+        "the same devices at the same addresses"
+    );
+    assert_eq!(
+        device(&dst, "scsi0").map(|c| c["luns"].clone()),
+        luns_before
+    );
+    let lun_numbers = device(&dst, "scsi0")
+        .and_then(|c| c["scsi_luns"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|l| (l["id"].clone(), l["lun"].clone()))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        lun_numbers,
+        [(json!("s0"), json!(0)), (json!("s1"), json!(1))]
+    );
+    // The guest reads d2's pattern back through the destination's tern-blk.
+    let check = format!("HOTPLUG check slot={} read=0 mismatches=0", slots[1]);
+    dst.wait_until(T, "the guest's pattern check on the destination", || {
+        dst.lines().iter().any(|l| l == &check)
+    });
+    // Hot plug goes on at the destination: the next disk takes the hole.
+    dst.expect(
+        "PUT",
+        "/drives/y",
+        Some(&json!({ "path_on_host": imgs[5] }).to_string()),
+        204,
+    );
+    let y = slot_of(&device(&dst, "y").unwrap());
+    assert_eq!(y, slots[0], "y takes x's old slot");
+    let done = format!("HOTPLUG blk slot={y} capacity=8192 write=0 read=0 mismatches=0");
+    dst.wait_until(T, "the guest to drive y", || {
+        dst.lines().iter().any(|l| l == &done)
+    });
+}

@@ -182,6 +182,7 @@ fn parse_drive(spec: &str, index: usize) -> Result<crate::config::DriveConfig, S
         serial: None,
         interface: DriveInterface::VirtioBlk,
         pci_slot: None,
+        lun: None,
     };
     let on = |k: &str, v: &str| match v {
         "on" | "true" | "1" => Ok(true),

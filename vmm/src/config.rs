@@ -188,6 +188,12 @@ pub struct DriveConfig {
     /// it back at the same address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_slot: Option<u8>,
+    /// A virtio-scsi drive's LUN number on the controller (0-255); default:
+    /// the lowest free one. tern records the LUN each drive got, so a
+    /// snapshot or a migration (which restarts tern-scsi) keeps it even
+    /// after other LUNs were hot removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun: Option<u16>,
 }
 
 /// `network-interfaces`: a virtio-net NIC served by a vhost-user backend: a
@@ -373,6 +379,17 @@ impl DriveConfig {
         }
         if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
             return bad("serial is longer than 20 bytes".into());
+        }
+        if let Some(lun) = self.lun {
+            if self.interface != DriveInterface::VirtioScsi {
+                return bad("lun is only for virtio-scsi drives".into());
+            }
+            if usize::from(lun) >= MAX_SCSI_LUNS {
+                return bad(format!(
+                    "lun {lun} is out of range (0 to {})",
+                    MAX_SCSI_LUNS - 1
+                ));
+            }
         }
         if self.interface == DriveInterface::VirtioScsi {
             if self.is_root_device {
@@ -608,6 +625,17 @@ impl VmConfig {
                 )));
             }
         }
+        let mut luns = std::collections::HashMap::new();
+        for d in &scsi {
+            if let Some(lun) = d.lun {
+                if let Some(other) = luns.insert(lun, &d.drive_id) {
+                    return Err(ConfigError::Invalid(format!(
+                        "virtio-scsi drives {other} and {} both ask for LUN {lun}",
+                        d.drive_id
+                    )));
+                }
+            }
+        }
         let mut queues = scsi.iter().filter_map(|d| d.num_queues.map(|q| (d, q)));
         if let Some((qd, q)) = queues.next() {
             if let Some((od, o)) = queues.find(|(_, o)| *o != q) {
@@ -738,6 +766,7 @@ mod tests {
             serial: None,
             interface: DriveInterface::VirtioScsi,
             pci_slot: None,
+            lun: None,
         }
     }
 
@@ -825,5 +854,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 256 LUNs"));
+    }
+
+    #[test]
+    fn lun_numbers_are_checked() {
+        let with = |id: &str, lun: Option<u16>| DriveConfig {
+            lun,
+            ..scsi_drive(id, None)
+        };
+        let ok = VmConfig {
+            drives: vec![with("a", Some(3)), with("b", None), with("c", Some(0))],
+            ..Default::default()
+        };
+        ok.validate_drives().unwrap();
+        let twice = VmConfig {
+            drives: vec![with("a", Some(3)), with("b", Some(3))],
+            ..Default::default()
+        };
+        let e = twice.validate_drives().unwrap_err().to_string();
+        assert!(e.contains("a and b both ask for LUN 3"), "{e}");
+        let e = with("a", Some(256)).validate().unwrap_err().to_string();
+        assert!(e.contains("lun 256 is out of range (0 to 255)"), "{e}");
+        let blk = DriveConfig {
+            interface: DriveInterface::VirtioBlk,
+            ..with("a", Some(1))
+        };
+        let e = blk.validate().unwrap_err().to_string();
+        assert!(e.contains("lun is only for virtio-scsi drives"), "{e}");
     }
 }

@@ -71,19 +71,41 @@ impl Vmm {
             }
         }
         lock(&self.watched).push(std::sync::Arc::downgrade(&entry.device));
+        let mut entry = entry;
+        entry.plugging = true;
         self.virtio.push(entry);
+        self.build_order();
         crate::vmm::record_slots(&mut self.config, &self.virtio);
         lock(&self.machine.hotplug).plug(slot);
+    }
+
+    /// Puts the devices in the order a VM built from the configuration has
+    /// them (virtio-blk drives, root first, then the virtio-scsi controller,
+    /// then NICs, each in configuration order): a snapshot or migration
+    /// stream lists device states in this order and the restoring side
+    /// rebuilds the devices from the configuration in it.
+    fn build_order(&mut self) {
+        let config = &self.config;
+        let rank = |v: &VirtioEntry| -> (u8, bool, usize) {
+            if !v.luns.is_empty() {
+                return (1, false, 0);
+            }
+            if let Some(i) = config.drives.iter().position(|d| d.drive_id == v.id) {
+                return (0, !config.drives[i].is_root_device, i);
+            }
+            let i = config
+                .network_interfaces
+                .iter()
+                .position(|n| n.iface_id == v.id)
+                .unwrap_or(usize::MAX);
+            (2, false, i)
+        };
+        self.virtio.sort_by_cached_key(rank);
     }
 
     /// Hot plugs a virtio-blk drive.
     pub fn hotplug_drive(&mut self, d: DriveConfig) -> Result<(), HotplugError> {
         self.check_can_plug()?;
-        if d.interface == DriveInterface::VirtioScsi {
-            return Err(refused(
-                "virtio-scsi LUNs cannot be added to a running VM yet; use a virtio-blk drive",
-            ));
-        }
         if d.is_root_device {
             return Err(refused("a root device cannot be hot plugged"));
         }
@@ -92,6 +114,9 @@ impl Vmm {
                 "drive {} exists; a running VM's drives cannot be changed",
                 d.drive_id
             )));
+        }
+        if d.interface == DriveInterface::VirtioScsi {
+            return self.hotplug_lun(d);
         }
         let mut next = self.config.clone();
         next.drives.push(d.clone());
@@ -165,10 +190,8 @@ impl Vmm {
         {
             return Err(refused(format!("drive {id} is the root device")));
         }
-        if self.virtio.iter().any(|v| v.luns.iter().any(|l| l == id)) {
-            return Err(refused(format!(
-                "drive {id} is a virtio-scsi LUN; LUNs cannot be removed from a running VM yet"
-            )));
+        if self.is_lun(id) {
+            return self.remove_lun(id);
         }
         let Some(entry) = self.virtio.iter_mut().find(|v| v.id == id) else {
             return Err(refused(format!("no drive or network interface {id}")));

@@ -18,6 +18,7 @@ pub mod logger;
 pub mod machine;
 pub mod memory;
 pub mod migration;
+pub mod scsi_luns;
 pub mod snapshot;
 pub mod terminal;
 pub mod vhost_user;

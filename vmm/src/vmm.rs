@@ -29,6 +29,7 @@ use crate::machine::layout::{
 use crate::machine::q35::acpi::{self, AcpiConfig};
 use crate::machine::{self, layout::HIGH_RAM_START, DeviceInfo};
 use crate::memory;
+use crate::scsi_luns::{assign_luns, scsi_args, ScsiControl, ScsiLun};
 use crate::terminal::RawTerminal;
 use crate::vhost_user::backend_process::{backend_binary, BackendProcess};
 use crate::vhost_user::device::{VhostUserDevice, SCSI_FIXED_QUEUES};
@@ -170,9 +171,13 @@ pub struct VirtioEntry {
     pub device: Arc<Mutex<VirtioPciDevice>>,
     /// The managed backend's process ID, if tern started it.
     pub backend_pid: Option<u32>,
-    /// A virtio-scsi controller's LUNs (drive ids, LUN 0 first); empty for
-    /// other devices.
-    pub luns: Vec<String>,
+    /// A virtio-scsi controller's LUNs, by LUN number; empty for other
+    /// devices.
+    pub luns: Vec<ScsiLun>,
+    /// A managed virtio-scsi controller's control socket (LUN hot plug).
+    pub scsi_control: Option<ScsiControl>,
+    /// Hot plugged and the guest's driver has not set DRIVER_OK yet.
+    pub plugging: bool,
     /// The guest was asked to let go of it (hot unplug under way).
     pub unplugging: bool,
 }
@@ -354,11 +359,22 @@ impl Vmm {
         lock(&self.machine.i8042).send_ctrl_alt_del();
     }
 
-    /// Every device of the machine, virtio devices with their live state.
+    /// Every device of the machine, virtio devices with their live state:
+    /// `plugging` from a hot plug until the guest's driver has the device
+    /// running (DRIVER_OK; for a LUN, its first command), `unplugging` from
+    /// an unplug request until the guest ejects it.
     pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.refresh_lun_states();
         let mut all = self.machine.devices.clone();
         for v in &self.virtio {
             let dev = lock(&v.device);
+            let lun_state = |l: &ScsiLun| {
+                if l.plugging.load(Ordering::Relaxed) {
+                    "plugging"
+                } else {
+                    "attached"
+                }
+            };
             all.push(DeviceInfo {
                 id: v.id.clone(),
                 kind: match dev.device_type() {
@@ -371,12 +387,24 @@ impl Vmm {
                 mmio_address: None,
                 state: if v.unplugging {
                     "unplugging"
+                } else if v.plugging && !dev.driver_ok() {
+                    "plugging"
                 } else {
                     dev.state()
                 },
                 backend: dev.backend(),
                 backend_pid: dev.backend_pid().or(v.backend_pid),
-                luns: (!v.luns.is_empty()).then(|| v.luns.clone()),
+                luns: (!v.luns.is_empty()).then(|| v.luns.iter().map(|l| l.id.clone()).collect()),
+                scsi_luns: (!v.luns.is_empty()).then(|| {
+                    v.luns
+                        .iter()
+                        .map(|l| machine::LunInfo {
+                            id: l.id.clone(),
+                            lun: l.lun,
+                            state: lun_state(l),
+                        })
+                        .collect()
+                }),
             });
         }
         all
@@ -513,6 +541,8 @@ pub(crate) fn attach(
         device,
         backend_pid,
         luns: Vec::new(),
+        scsi_control: None,
+        plugging: false,
         unplugging: false,
     })
 }
@@ -524,7 +554,7 @@ pub const SCSI_CONTROLLER_ID: &str = "scsi0";
 const SCSI_RUNTIME_ID: &str = "scsi.0";
 
 /// The `--lun` value of tern-scsi for a managed virtio-scsi drive.
-fn lun_arg(d: &DriveConfig) -> Result<String, VmmError> {
+pub(crate) fn lun_arg(d: &DriveConfig) -> Result<String, VmmError> {
     let Some(path) = &d.path_on_host else {
         return Err(crate::config::ConfigError::Invalid(format!(
             "drive {} has no backend",
@@ -558,24 +588,29 @@ fn build_scsi(
     machine: &machine::Machine,
 ) -> Result<VirtioEntry, VmmError> {
     let ids: Vec<String> = drives.iter().map(|d| d.drive_id.clone()).collect();
+    let numbers = assign_luns(drives);
     let label = format!("virtio-scsi drives {}", ids.join(", "));
     let requested = config.scsi_queues();
     let external = drives.first().and_then(|d| d.socket.clone());
+    let mut control = None;
     let (socket, process) = match external {
         Some(s) => (s, None),
         None => {
-            let mut args = Vec::with_capacity(2 * drives.len() + 2);
-            for d in drives {
-                args.push("--lun".to_string());
-                args.push(lun_arg(d)?);
-            }
-            args.push("--queues".into());
-            args.push(requested.unwrap_or(1).to_string());
+            let queues = requested.unwrap_or(1);
+            let control_path = crate::vhost_user::backend_process::runtime_dir()
+                .join(format!("{SCSI_RUNTIME_ID}.ctl"));
+            let pairs: Vec<(&DriveConfig, u16)> = drives
+                .iter()
+                .copied()
+                .zip(numbers.iter().copied())
+                .collect();
+            let args = scsi_args(&pairs, queues, &control_path)?;
             let p = BackendProcess::start(&backend_binary("tern-scsi"), SCSI_RUNTIME_ID, &args)
                 .map_err(|err| VmmError::Backend {
                     drive: label.clone(),
                     err,
                 })?;
+            control = Some(ScsiControl::new(control_path, p.shared_args(), queues));
             (p.socket().to_owned(), Some(p))
         }
     };
@@ -611,7 +646,14 @@ fn build_scsi(
         env,
         machine,
     )?;
-    entry.luns = ids;
+    let mut luns: Vec<ScsiLun> = ids
+        .iter()
+        .zip(&numbers)
+        .map(|(id, n)| ScsiLun::new(id, *n, false))
+        .collect();
+    luns.sort_by_key(|l| l.lun);
+    entry.luns = luns;
+    entry.scsi_control = control;
     Ok(entry)
 }
 
@@ -787,9 +829,20 @@ pub(crate) fn net_function(
 /// virtio-scsi controller's slot goes on its first LUN's drive.
 pub(crate) fn record_slots(config: &mut VmConfig, virtio: &[VirtioEntry]) {
     for v in virtio {
-        if let Some(first) = v.luns.first() {
-            if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == first) {
-                d.pci_slot = Some(v.slot);
+        if !v.luns.is_empty() {
+            // The controller's slot goes on its first LUN in configuration
+            // order (the one a rebuild takes it from), and each drive
+            // keeps its LUN number.
+            let mut first = true;
+            for d in config.drives.iter_mut() {
+                let Some(l) = v.luns.iter().find(|l| l.id == d.drive_id) else {
+                    continue;
+                };
+                d.lun = Some(l.lun);
+                if first {
+                    d.pci_slot = Some(v.slot);
+                    first = false;
+                }
             }
             continue;
         }

@@ -216,12 +216,19 @@ impl ScsiBackend {
     /// Report a transport reset for `lun` on the event queue (the hot-plug
     /// hook: `removed == false` makes the driver rescan the LUN). Delivered
     /// at once if the driver has posted a buffer, else when it does.
-    pub fn raise_transport_reset(&self, lun: [u8; 8], removed: bool) {
+    /// Returns false, reporting nothing, when the driver did not negotiate
+    /// VIRTIO_SCSI_F_HOTPLUG: such a driver does not expect these events
+    /// (it finds LUNs only when it scans).
+    pub fn raise_transport_reset(&self, lun: [u8; 8], removed: bool) -> bool {
+        if self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_SCSI_F_HOTPLUG) == 0 {
+            return false;
+        }
         let mut ev = lock(&self.events);
         if !ev.state.raise(Event::transport_reset(lun, removed)) {
             Metrics::add(&self.metrics.events_missed, 1);
         }
         self.deliver_events(&mut ev);
+        true
     }
 
     fn sizes(&self) -> Sizes {

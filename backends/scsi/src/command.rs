@@ -121,6 +121,7 @@ where
         let r = answer(sizes, VIRTIO_SCSI_S_BAD_TARGET, 0, all_resid, &[]);
         return Prepared::Done(respond(mem, &req.resp, &r, resp_size, metrics));
     };
+    lun.mark_seen();
     let cmd = match cdb::parse(&req.cdb) {
         Ok(c) => c,
         Err(sense) => {
@@ -139,7 +140,7 @@ where
         _ => {}
     }
     Prepared::Command(Parsed {
-        lun: lun.clone(),
+        lun,
         cmd,
         resp: req.resp,
         data_out: req.data_out,

@@ -1,4 +1,4 @@
-//! Command line (`--lun FILE[,format=raw|qcow2][,ro=on][,serial=S]`) and
+//! Command line (`--lun FILE[,format=raw|qcow2][,ro=on][,serial=S][,lun=N]`) and
 //! the virtio-scsi device configuration space (`struct virtio_scsi_config`,
 //! virtio 1.2 §5.6.4), serialised little-endian for `VHOST_USER_GET_CONFIG`.
 
@@ -47,7 +47,7 @@ pub enum LunSpecError {
     #[error("option {0:?} is not key=value")]
     NotKeyValue(String),
     /// An unknown option key.
-    #[error("unknown option {0:?} (format, ro, serial)")]
+    #[error("unknown option {0:?} (format, ro, serial, direct, lun)")]
     UnknownKey(String),
     /// A bad `format=` value.
     #[error("format {0:?}: expected raw or qcow2")]
@@ -58,6 +58,9 @@ pub enum LunSpecError {
     /// A serial longer than SPC allows in VPD page 0x80 (here: 240 bytes) or not printable ASCII.
     #[error("serial {0:?}: at most 240 printable ASCII characters")]
     BadSerial(String),
+    /// A bad `lun=` value.
+    #[error("lun={0:?}: expected a number below {MAX_LUNS}")]
+    BadLun(String),
 }
 
 /// One `--lun` argument.
@@ -73,6 +76,16 @@ pub struct LunSpec {
     pub serial: Option<String>,
     /// Open the image with O_DIRECT (`direct=on`): no host page cache.
     pub direct: bool,
+    /// The LUN number (`lun=N`); default: the lowest one no other `--lun`
+    /// takes. Numbers may leave holes (a controller whose LUNs were hot
+    /// removed keeps the numbers of the others when it is rebuilt).
+    pub number: Option<u16>,
+}
+
+/// Whether `serial` can be a unit serial number: SPC's VPD page 0x80 holds
+/// printable ASCII, and we keep it to 240 bytes.
+pub fn valid_serial(serial: &str) -> bool {
+    serial.len() <= 240 && serial.bytes().all(|b| (0x20..0x7F).contains(&b))
 }
 
 impl FromStr for LunSpec {
@@ -90,6 +103,7 @@ impl FromStr for LunSpec {
             read_only: false,
             serial: None,
             direct: false,
+            number: None,
         };
         for opt in parts {
             let (k, v) = opt
@@ -104,8 +118,16 @@ impl FromStr for LunSpec {
                 }
                 "ro" | "readonly" => spec.read_only = parse_bool(v)?,
                 "direct" => spec.direct = parse_bool(v)?,
+                "lun" => {
+                    spec.number = Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|n| usize::from(*n) < MAX_LUNS)
+                            .ok_or_else(|| LunSpecError::BadLun(v.to_string()))?,
+                    )
+                }
                 "serial" => {
-                    if v.len() > 240 || !v.bytes().all(|b| (0x20..0x7F).contains(&b)) {
+                    if !valid_serial(v) {
                         return Err(LunSpecError::BadSerial(v.to_string()));
                     }
                     spec.serial = Some(v.to_string());
@@ -160,6 +182,11 @@ pub struct Args {
     /// After the frontend disconnects, wait for the next one instead of exiting.
     #[arg(long)]
     pub keep_listening: bool,
+    /// A Unix socket (created; removed on exit) on which LUNs are added and
+    /// removed while the controller runs: newline-delimited JSON, see
+    /// `tern_scsi::hotplug`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
     pub log_level: LevelFilter,
@@ -273,6 +300,12 @@ mod tests {
         assert!(s.read_only);
         assert_eq!(s.serial.as_deref(), Some("SN-1"));
         assert!(!s.direct);
+        let s: LunSpec = "d.raw,lun=7".parse().unwrap();
+        assert_eq!(s.number, Some(7));
+        assert!(matches!(
+            "d.raw,lun=16384".parse::<LunSpec>(),
+            Err(LunSpecError::BadLun(_))
+        ));
         let s: LunSpec = "c.raw,direct=on".parse().unwrap();
         assert!(s.direct && !s.read_only);
         assert!(matches!(

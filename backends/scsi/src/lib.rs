@@ -5,7 +5,8 @@
 //! - [`cdb`] parses a CDB into a [`cdb::Command`] (pure), [`sense`] builds
 //!   sense data, [`inquiry`] and [`mode`] build INQUIRY / VPD / mode data;
 //! - [`lun`] executes commands against an image ([`lun::Lun`]) and knows
-//!   the target's LUNs ([`lun::Target`]);
+//!   the target's LUNs ([`target::Target`]), which [`hotplug`] changes at
+//!   run time on tern's request;
 //! - [`request`] and [`guest`] turn descriptor chains into requests and
 //!   guest buffers; [`command`], [`control`] and [`event`] serve the
 //!   request, control and event queues;
@@ -20,9 +21,11 @@ pub mod control;
 pub mod event;
 pub mod fuzz;
 pub mod guest;
+pub mod hotplug;
 pub mod inquiry;
 pub mod lun;
 pub mod metrics;
 pub mod mode;
 pub mod request;
 pub mod sense;
+pub mod target;

@@ -15,6 +15,7 @@ use crate::inquiry;
 use crate::metrics::Metrics;
 use crate::mode::{self, ModeState, SenseRequest};
 use crate::sense::Sense;
+pub use crate::target::{Target, TargetError};
 
 /// Most LUNs one controller serves (`max_lun` + 1 in the device config,
 /// the 14-bit flat LUN space).
@@ -109,6 +110,9 @@ pub struct Lun {
     aio_file: Option<Arc<File>>,
     /// `aio_file` (and the image) are O_DIRECT.
     direct: bool,
+    /// The driver has sent a command to this unit: after a hot add, the
+    /// sign that the guest found it.
+    seen: AtomicBool,
 }
 
 /// A READ or WRITE that may go to the disk asynchronously: every check a
@@ -148,7 +152,22 @@ impl Lun {
             metrics,
             aio_file: None,
             direct: false,
+            seen: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that the driver addressed a command to this unit.
+    pub fn mark_seen(&self) {
+        // Read first: the common case (already seen) then writes nothing
+        // to a line every request queue shares.
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the driver has addressed a command to this unit.
+    pub fn was_seen(&self) -> bool {
+        self.seen.load(Ordering::Relaxed)
     }
 
     /// Let READ/WRITE of this (raw) unit go asynchronously through `file`,
@@ -487,44 +506,6 @@ fn put_truncated(din: &mut dyn DataIn, data: &[u8], alloc_len: u32) -> Result<()
         .map_err(|_| Sense::INTERNAL_TARGET_FAILURE)
 }
 
-/// Target 0 and its LUNs, numbered 0.. in order.
-pub struct Target {
-    luns: Vec<Arc<Lun>>,
-}
-
-impl Target {
-    /// A target with `luns` (at most [`MAX_LUNS`]; index = LUN number).
-    pub fn new(luns: Vec<Arc<Lun>>) -> Self {
-        Target { luns }
-    }
-
-    /// The LUNs.
-    pub fn luns(&self) -> &[Arc<Lun>] {
-        &self.luns
-    }
-
-    /// The unit a virtio-scsi LUN field addresses: byte 0 is 1, byte 1 the
-    /// target (only 0 exists), bytes 2-3 the LUN in flat (01b) or
-    /// peripheral (00b) addressing, bytes 4-7 zero (single level).
-    pub fn lookup(&self, lun: &[u8; 8]) -> Option<&Arc<Lun>> {
-        let n = decode_lun(lun)?;
-        self.luns.get(usize::from(n))
-    }
-
-    /// REPORT LUNS parameter data (not truncated): every LUN for SELECT
-    /// REPORT 0 and 2; none for 1 (we have no well-known LUNs).
-    pub fn report_luns(&self, select: u8) -> Vec<u8> {
-        let n = if select == 1 { 0 } else { self.luns.len() };
-        let mut v = Vec::with_capacity(8 + 8 * n);
-        v.extend_from_slice(&((8 * n) as u32).to_be_bytes());
-        v.extend_from_slice(&[0; 4]);
-        for lun in 0..n {
-            v.extend_from_slice(&encode_lun(lun as u16));
-        }
-        v
-    }
-}
-
 /// The LUN number in a virtio-scsi LUN field, if it addresses target 0
 /// with a single-level LUN we can number.
 pub fn decode_lun(lun: &[u8; 8]) -> Option<u16> {
@@ -549,6 +530,19 @@ pub fn encode_lun(lun: u16) -> [u8; 8] {
     } else {
         b[0..2].copy_from_slice(&(0x4000 | (lun & 0x3FFF)).to_be_bytes());
     }
+    b
+}
+
+/// The LUN field of an event about `lun` on target 0: bytes 2-3 as REPORT
+/// LUNS lists the unit ([`encode_lun`]: peripheral below 256). Linux's
+/// virtio_scsi takes `lun[2] << 8 | lun[3]` of an event as the LUN number
+/// it adds or removes, the number its REPORT LUNS scan gave the unit; flat
+/// addressing here would make LUN 1 its LUN 16385 (QEMU encodes events
+/// the same way, for this reason).
+pub fn event_lun(lun: u16) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0] = 1;
+    b[2..4].copy_from_slice(&encode_lun(lun)[0..2]);
     b
 }
 
@@ -886,6 +880,10 @@ mod tests {
             "second level"
         );
         assert_eq!(encode_lun(5), [0, 5, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(event_lun(5), [1, 0, 0, 5, 0, 0, 0, 0]);
+        assert_eq!(event_lun(300), [1, 0, 0x41, 0x2C, 0, 0, 0, 0]);
+        assert_eq!(decode_lun(&event_lun(5)), Some(5));
+        assert_eq!(decode_lun(&event_lun(300)), Some(300));
         assert_eq!(encode_lun(300), [0x41, 0x2C, 0, 0, 0, 0, 0, 0]);
     }
 

@@ -18,6 +18,7 @@ use tern_image::Format;
 use tern_scsi::backend::ScsiBackend;
 use tern_scsi::cdb::BLOCK_SIZE;
 use tern_scsi::config::{AioArg, Args, LunSpec, ScsiConfig};
+use tern_scsi::hotplug::{Control, Frontend, Opener};
 use tern_scsi::lun::{Lun, Target, MAX_LUNS};
 use tern_scsi::metrics::{self, Metrics};
 use vhost::vhost_user::Listener;
@@ -30,6 +31,10 @@ use vmm_sys_util::epoll::EventSet;
 enum StartupError {
     #[error("{0} LUNs given, at most {MAX_LUNS} supported")]
     TooManyLuns(usize),
+    #[error("two --lun options ask for LUN {0}")]
+    LunTwice(u16),
+    #[error("control socket {path}: {source}")]
+    Control { path: PathBuf, source: io::Error },
     #[error("LUN {lun} ({path}): {source}")]
     ImageMissing {
         lun: usize,
@@ -93,6 +98,9 @@ fn main() -> ExitCode {
         }
     };
     info!("exiting; {metrics}");
+    if let Some(c) = &args.control {
+        let _ = std::fs::remove_file(c);
+    }
     code
 }
 
@@ -103,6 +111,8 @@ struct Setup {
     listener: Listener,
     keep_listening: bool,
     metrics: Arc<Metrics>,
+    /// The connected frontend's device, for the control socket's events.
+    frontend: Arc<Frontend>,
 }
 
 impl Setup {
@@ -111,15 +121,61 @@ impl Setup {
             return Err(StartupError::TooManyLuns(args.luns.len()));
         }
         let metrics = Arc::new(Metrics::new());
-        let mut luns = Vec::with_capacity(args.luns.len());
-        for (i, spec) in args.luns.iter().enumerate() {
-            luns.push(Arc::new(open_lun(i, spec, args.aio, metrics.clone())?));
+        // LUNs with a number first; the others take the lowest free ones
+        // in the order given.
+        let mut given = std::collections::BTreeSet::new();
+        for n in args.luns.iter().filter_map(|l| l.number) {
+            if !given.insert(n) {
+                return Err(StartupError::LunTwice(n));
+            }
         }
+        let mut luns: Vec<Option<Arc<Lun>>> = Vec::with_capacity(args.luns.len());
+        let mut next = 0u16;
+        for spec in &args.luns {
+            let n = match spec.number {
+                Some(n) => n,
+                None => {
+                    while given.contains(&next) {
+                        next += 1;
+                    }
+                    given.insert(next);
+                    next
+                }
+            };
+            let i = usize::from(n);
+            if luns.len() <= i {
+                luns.resize(i + 1, None);
+            }
+            luns[i] = Some(Arc::new(open_lun(i, spec, args.aio, metrics.clone())?));
+        }
+        let count = args.luns.len();
         let config = ScsiConfig::new(args.queues);
+
+        let target = Arc::new(Target::sparse(luns));
+        let frontend = Arc::<Frontend>::default();
 
         // Block the signals we handle before any thread exists, so every
         // thread inherits the mask and only the signal thread receives them.
         let signals = Signals::block().map_err(StartupError::Signals)?;
+        // The control socket exists before the vhost-user one: tern waits
+        // for the latter and then may use the former at once.
+        if let Some(path) = &args.control {
+            let control_err = |source| StartupError::Control {
+                path: path.clone(),
+                source,
+            };
+            let _ = std::fs::remove_file(path);
+            let listener = std::os::unix::net::UnixListener::bind(path).map_err(control_err)?;
+            let (aio, m) = (args.aio, metrics.clone());
+            let open: Box<Opener> = Box::new(move |n, spec| {
+                open_lun(usize::from(n), spec, aio, m.clone()).map_err(|e| e.to_string())
+            });
+            let control = Control::new(target.clone(), frontend.clone(), open);
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || control.serve(listener))
+                .map_err(control_err)?;
+        }
         let listener = listen(&args.socket)?;
         signals
             .spawn_handler(args.socket.clone(), || {
@@ -129,16 +185,17 @@ impl Setup {
         metrics::set_global(metrics.clone());
         info!(
             "serving {} LUN(s) on {} request queue(s) on {}",
-            luns.len(),
+            count,
             args.queues,
             args.socket.display()
         );
         Ok(Setup {
-            target: Arc::new(Target::new(luns)),
+            target,
             config,
             listener,
             keep_listening: args.keep_listening,
             metrics,
+            frontend,
         })
     }
 
@@ -170,7 +227,9 @@ impl Setup {
             }
             daemon.start(&mut self.listener).map_err(RunError::Daemon)?;
             debug!("connection accepted");
+            self.frontend.set(Some(backend.clone()));
             let result = daemon.wait();
+            self.frontend.set(None);
             // Dropping the daemon stops and joins the queue workers.
             drop(daemon);
             if !backend.was_contacted() {

@@ -4,6 +4,7 @@
 #include "kernel.h"
 #include "lib.h"
 #include "pci.h"
+#include "scsi_test.h"
 #include "serial.h"
 #include "net_test.h"
 #include "virtio_blk.h"
@@ -25,10 +26,12 @@ void hotplug_tick(void)
 		net_serve_poll();
 }
 
-/* A hot-plugged virtio-blk function the guest drives: one at a time. */
-static struct vblk hpblk;
-static int hpblk_slot = -1;
+/* Hot-plugged virtio-blk functions the guest drives, a few at a time. */
+#define HP_DISKS 3
+static struct vblk hpblk[HP_DISKS];
+static int hpblk_slot[HP_DISKS] = { -1, -1, -1 };
 static uint8_t hpbuf[64 * 1024] __attribute__((aligned(4096)));
+static uint32_t check_every, beat_no; /* hpcheck=N: re-read every N beats */
 
 /* Where and what the guest writes on a plugged disk: 64 KiB at 1 MiB, byte i
  * = (i * 31 + slot) mod 256 (the host test computes the same). */
@@ -40,38 +43,75 @@ static uint8_t hp_byte(uint32_t i, unsigned slot)
 	return (uint8_t)(i * 31u + slot);
 }
 
+/* Reads the pattern region of disk d back; the number of wrong bytes, with
+ * the request status in *rs. */
+static uint32_t reread(int d, int *rs)
+{
+	unsigned slot = (unsigned)hpblk_slot[d];
+	for (uint32_t i = 0; i < HP_LEN; i++)
+		hpbuf[i] = 0;
+	*rs = vblk_rw(&hpblk[d], 0, 0, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
+	uint32_t bad = 0;
+	for (uint32_t i = 0; i < HP_LEN; i++)
+		if (hpbuf[i] != hp_byte(i, slot))
+			bad++;
+	return bad;
+}
+
 /* Drives the new disk: write the pattern, read it back, compare. */
 static void blk_plugged(unsigned slot)
 {
 	const struct pci_access a = { PCI_CF8, 0 };
 	struct vpci_window w = { 0xc0000000ull, 0xfec00000ull, 0, 0, 0 };
-	if (hpblk_slot >= 0) {
-		kprintf("HOTPLUG blk slot=%u skipped (slot %d in use)\n", slot, hpblk_slot);
+	int d = 0;
+	while (d < HP_DISKS && hpblk_slot[d] >= 0)
+		d++;
+	if (d == HP_DISKS) {
+		kprintf("HOTPLUG blk slot=%u skipped (%d disks in use)\n", slot, HP_DISKS);
 		return;
 	}
-	if (vblk_init(&hpblk, &a, PCI_BDF(0, slot, 0), &w) != 0) {
+	if (vblk_init(&hpblk[d], &a, PCI_BDF(0, slot, 0), &w) != 0) {
 		kprintf("HOTPLUG blk slot=%u init failed\n", slot);
 		return;
 	}
-	hpblk_slot = (int)slot;
+	hpblk_slot[d] = (int)slot;
+	/* Its first request, before the guest's (slow, emulated) byte loops:
+	 * tern-bench hotplug times this line. */
+	int fs = vblk_rw(&hpblk[d], 0, 0, 0, hpbuf, VBLK_SECTOR, VBLK_SECTOR);
+	kprintf("HOTPLUG blk first-io slot=%u status=%d\n", slot, fs);
 	for (uint32_t i = 0; i < HP_LEN; i++)
 		hpbuf[i] = hp_byte(i, slot);
-	int ws = vblk_rw(&hpblk, 0, 1, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
-	if (ws == 0 && vblk_has(&hpblk, VIRTIO_BLK_F_FLUSH))
-		ws = vblk_flush(&hpblk);
-	for (uint32_t i = 0; i < HP_LEN; i++)
-		hpbuf[i] = 0;
-	int rs = vblk_rw(&hpblk, 0, 0, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
-	uint32_t bad = 0;
-	for (uint32_t i = 0; i < HP_LEN; i++)
-		if (hpbuf[i] != hp_byte(i, slot))
-			bad++;
+	int ws = vblk_rw(&hpblk[d], 0, 1, HP_OFF / VBLK_SECTOR, hpbuf, HP_LEN, HP_LEN);
+	if (ws == 0 && vblk_has(&hpblk[d], VIRTIO_BLK_F_FLUSH))
+		ws = vblk_flush(&hpblk[d]);
+	int rs;
+	uint32_t bad = reread(d, &rs);
 	kprintf("HOTPLUG blk slot=%u capacity=%lu write=%d read=%d mismatches=%u\n", slot,
-		(unsigned long)hpblk.capacity, ws, rs, bad);
+		(unsigned long)hpblk[d].capacity, ws, rs, bad);
 }
+
+/* A plugged disk the guest waits to drive (hpdelay=N beats). */
+static int pending_slot = -1;
+static uint32_t pending_beats;
 
 int hotplug_parse_key(const char *k, size_t kn, const char *v, size_t vn)
 {
+	if (word_eq(k, kn, "hpcheck")) {
+		int64_t m = parse_num(v, vn);
+		if (m < 0 || m > 100000)
+			check_fail("bad hpcheck= value");
+		else
+			check_every = (uint32_t)m;
+		return 1;
+	}
+	if (word_eq(k, kn, "hpdelay")) {
+		int64_t m = parse_num(v, vn);
+		if (m < 0 || m > 100000)
+			check_fail("bad hpdelay= value");
+		else
+			scsi_hp_delay = (uint32_t)m;
+		return 1;
+	}
 	if (!word_eq(k, kn, "hotplug"))
 		return 0;
 	int64_t m = parse_num(v, vn);
@@ -94,6 +134,21 @@ void hotplug_beat(void)
 {
 	if (!enabled)
 		return;
+	scsi_hotplug_beat();
+	beat_no++;
+	for (int d = 0; check_every && beat_no % check_every == 0 && d < HP_DISKS; d++) {
+		if (hpblk_slot[d] < 0)
+			continue;
+		int rs;
+		uint32_t bad = reread(d, &rs);
+		kprintf("HOTPLUG check slot=%d read=%d mismatches=%u\n", hpblk_slot[d], rs, bad);
+	}
+	if (pending_slot >= 0 && pending_beats-- == 0) {
+		unsigned slot = (unsigned)pending_slot;
+		pending_slot = -1;
+		kprintf("HOTPLUG enabling slot=%u\n", slot);
+		blk_plugged(slot);
+	}
 	uint32_t up = inl(PCIHP_UP);
 	uint32_t down = inl(PCIHP_DOWN);
 	for (unsigned slot = 0; slot < 32; slot++) {
@@ -102,18 +157,32 @@ void hotplug_beat(void)
 			uint32_t id = slot_id(slot);
 			kprintf("HOTPLUG up slot=%u vendor=%x device=%x slots=%x\n", slot, id & 0xffff,
 				id >> 16, inl(PCIHP_SLOTS));
-			if ((id >> 16) == VIRTIO_BLK_PCI_ID)
+			if ((id >> 16) == VIRTIO_BLK_PCI_ID && scsi_hp_delay && pending_slot < 0) {
+				/* Found now, driven (DRIVER_OK) only some beats later. */
+				pending_slot = (int)slot;
+				pending_beats = scsi_hp_delay;
+			} else if ((id >> 16) == VIRTIO_BLK_PCI_ID) {
 				blk_plugged(slot);
-			if ((id >> 16) == VIRTIO_NET_PCI_ID && net_serve_add(PCI_BDF(0, slot, 0)) >= 0)
+			}
+			int nic;
+			if ((id >> 16) == VIRTIO_NET_PCI_ID &&
+			    (nic = net_serve_add(PCI_BDF(0, slot, 0))) >= 0) {
 				nets++;
+				/* Its first request: one frame out (tern-bench hotplug times this). */
+				kprintf("HOTPLUG net slot=%u tx=%s\n", slot,
+					net_serve_announce(nic) == 0 ? "ok" : "failed");
+			}
 		}
 		if (down & bit) {
 			/* Stop the device (reset: it no longer touches our memory),
 			 * then let go of the slot. */
-			if (hpblk_slot == (int)slot) {
-				vblk_close(&hpblk);
-				hpblk_slot = -1;
-			}
+			if (pending_slot == (int)slot)
+				pending_slot = -1;
+			for (int d = 0; d < HP_DISKS; d++)
+				if (hpblk_slot[d] == (int)slot) {
+					vblk_close(&hpblk[d]);
+					hpblk_slot[d] = -1;
+				}
 			net_serve_remove(PCI_BDF(0, slot, 0));
 			outl(PCIHP_EJECT, bit);
 			kprintf("HOTPLUG ejected slot=%u\n", slot);

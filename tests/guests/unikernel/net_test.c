@@ -787,11 +787,18 @@ int net_serve_add(uint16_t bdf)
 {
 	const struct pci_access a = { PCI_CF8, 0 };
 	struct vpci_window w = { 0xc0000000ull, 0xfec00000ull, 0, 0, 0 };
-	int i = 0;
+	int i = 0, any_up = 0;
 	while (i < serve_cnt && nics[i].up)
 		i++;
 	if (i >= MAX_NICS)
 		return -1;
+	for (int k = 0; k < serve_cnt; k++)
+		any_up |= nics[k].up;
+	/* The ring and buffer pool is never freed piecemeal: with no NIC left
+	 * (all unplugged), it starts over, so plug/unplug cycles do not run
+	 * out of it. */
+	if (!any_up)
+		vnet_pool_reset();
 	struct nic *n = &nics[i];
 	n->up = 0;
 	if (vnet_init(&n->v, &a, bdf, &w, 1) != 0)
@@ -811,6 +818,28 @@ int net_serve_add(uint16_t bdf)
 	print_ip(n->ip);
 	kprintf("\n");
 	return i;
+}
+
+int net_serve_announce(int i)
+{
+	if (i < 0 || i >= serve_cnt || !nics[i].up)
+		return -1;
+	struct nic *n = &nics[i];
+	struct virtq *q = &n->v.txq[0];
+	uint16_t before = q->used[1];
+	if (send_arp(n, 0, 1, bcast, n->ip) != 0)
+		return -1;
+	/* Spin a little (the backend answers in microseconds), then 1 ms steps. */
+	for (uint32_t t = 0; t < 1000 + 1000; t++) {
+		barrier();
+		if (q->used[1] != before) {
+			vnet_tx_reclaim(&n->v);
+			return 0;
+		}
+		if (t >= 1000)
+			delay_ms(1);
+	}
+	return -1;
 }
 
 /* The NIC at bdf is going away: reset it and stop serving it. */

@@ -17,6 +17,9 @@ int net_serve_init(void);
 void net_serve_poll(void);
 /* Hot plug: serve a NIC plugged at bdf (index, or -1); stop serving one. */
 int net_serve_add(uint16_t bdf);
+/* Sends a gratuitous ARP on served NIC i (net_serve_add's index) and waits
+ * up to a second for the device to take it: 0 when it did. */
+int net_serve_announce(int i);
 void net_serve_remove(uint16_t bdf);
 unsigned net_serve_answered(void);
 

@@ -606,3 +606,128 @@ void scsi_check(void)
 		s->pci.isr_reads, s->pci.isr_set);
 	vscsi_close(s);
 }
+
+/* ---- LUN hot plug (hotplug=1): see README.md, "Hot plug". ---- */
+
+static int hp_state; /* 0 not looked, 1 driving a controller, -1 none */
+static uint32_t hp_wait; /* beats left before acting on the events seen */
+static uint16_t hp_rescan[8]; /* LUNs a rescan event named, to drive */
+static unsigned hp_n_rescan;
+static int hp_report; /* a REPORT LUNS is due */
+uint32_t scsi_hp_delay; /* beats between an event and acting on it (hpdelay=) */
+
+/* Where and what the guest writes on a hot added LUN: 64 KiB at 1 MiB, the
+ * scsi check's pattern_byte (tests/tests/scsi_hotplug.rs has the same). */
+#define HPL_OFF (1024 * KIB)
+#define HPL_LEN (64 * KIB)
+
+/* REPORT LUNS on LUN 0, printed as "scsi: report luns: 0 1 3". */
+static void hp_report_luns(void)
+{
+	uint8_t cdb[12] = { 0xa0 };
+	put_be32(cdb + 6, sizeof(luns_buf));
+	memset(luns_buf, 0, sizeof(luns_buf));
+	int st = cmd(0, cdb, 12, luns_buf, sizeof(luns_buf), 4096, 1);
+	if (st != 0 || res.response != VIRTIO_SCSI_S_OK || res.status != SCSI_GOOD) {
+		kprintf("scsi: report luns failed st=%d response=%u status=%u\n", st, res.response,
+			res.status);
+		return;
+	}
+	uint32_t n = be32(luns_buf) / 8;
+	kprintf("scsi: report luns:");
+	for (uint32_t i = 0; i < n && i < LIST_LUNS; i++) {
+		const uint8_t *e = luns_buf + 8 + 8 * i;
+		kprintf(" %u", (e[0] >> 6) == 1 ? (unsigned)((e[0] & 0x3f) << 8 | e[1]) : e[1]);
+	}
+	kprintf("\n");
+}
+
+/* WRITE(10) then READ(10) of the pattern on a new LUN, compared. */
+static void hp_drive(uint16_t lun)
+{
+	uint8_t cdb[10];
+	/* The first command, as Linux's scan sends it (INQUIRY), before the
+	 * guest's (slow, emulated) byte loops: tern-bench hotplug times this. */
+	uint8_t inq[6] = { 0x12, 0, 0, 0, 36, 0 };
+	int is = cmd(lun, inq, 6, small, 36, 36, 1);
+	kprintf("scsi: lun %u first-io %s\n", lun,
+		is == 0 && res.response == VIRTIO_SCSI_S_OK && res.status == SCSI_GOOD ? "ok" : "failed");
+	for (uint32_t i = 0; i < HPL_LEN; i++)
+		wbuf[i] = pattern_byte(lun, HPL_OFF + i);
+	memset(cdb, 0, sizeof(cdb));
+	cdb[0] = 0x2a;
+	put_be32(cdb + 2, HPL_OFF / 512);
+	put_be16(cdb + 7, HPL_LEN / 512);
+	int ws = cmd(lun, cdb, 10, wbuf, HPL_LEN, 16 * KIB, 0);
+	int wok = ws == 0 && res.response == VIRTIO_SCSI_S_OK && res.status == SCSI_GOOD;
+	/* SYNCHRONIZE CACHE(10): the host reads the file next. */
+	uint8_t sync[10] = { 0x35 };
+	int ss = cmd(lun, sync, 10, 0, 0, 4096, 0);
+	int sok = ss == 0 && res.response == VIRTIO_SCSI_S_OK && res.status == SCSI_GOOD;
+	memset(rbuf, 0, HPL_LEN);
+	cdb[0] = 0x28;
+	int rs = cmd(lun, cdb, 10, rbuf, HPL_LEN, 16 * KIB, 1);
+	int rok = rs == 0 && res.response == VIRTIO_SCSI_S_OK && res.status == SCSI_GOOD;
+	uint32_t bad = 0;
+	for (uint32_t i = 0; i < HPL_LEN; i++)
+		if (rbuf[i] != wbuf[i])
+			bad++;
+	kprintf("scsi: lun %u write=%s sync=%s read=%s mismatches=%u\n", lun, wok ? "ok" : "failed",
+		sok ? "ok" : "failed", rok ? "ok" : "failed", bad);
+}
+
+/* First beat: drive the controller, if there is one, with hot plug on. */
+static void hp_start(void)
+{
+	static uint16_t bdfs[4];
+	const struct pci_access a = { PCI_CF8, 0 };
+	struct vpci_window w = { 0xc0000000ull, 0xfec00000ull, 0, 0, 0 };
+	hp_state = -1;
+	if (vpci_find(&a, VIRTIO_SCSI_PCI_ID, VIRTIO_SCSI_PCI_TRANSITIONAL_ID, bdfs, 4) < 1)
+		return;
+	scsi.hotplug = 1;
+	if (vscsi_init(&scsi, &a, bdfs[0], &w) != 0) {
+		vscsi_close(&scsi);
+		return;
+	}
+	hp_state = 1;
+	kprintf("scsi: hotplug %s features=0x%lx\n", scsi.name, scsi.pci.accepted);
+	hp_report_luns();
+}
+
+void scsi_hotplug_beat(void)
+{
+	if (hp_state == 0)
+		hp_start();
+	if (hp_state != 1 || scsi.broken)
+		return;
+	uint32_t ev, reason;
+	uint16_t lun;
+	while (vscsi_event(&scsi, &ev, &lun, &reason)) {
+		if ((ev & ~VIRTIO_SCSI_T_EVENTS_MISSED) == VIRTIO_SCSI_T_TRANSPORT_RESET) {
+			int rescan = reason == VIRTIO_SCSI_EVT_RESET_RESCAN;
+			kprintf("scsi: event transport reset lun %u %s%s\n", lun,
+				rescan ? "rescan" : reason == VIRTIO_SCSI_EVT_RESET_REMOVED ? "removed" : "other",
+				(ev & VIRTIO_SCSI_T_EVENTS_MISSED) ? " (events missed)" : "");
+			if (rescan && hp_n_rescan < 8)
+				hp_rescan[hp_n_rescan++] = lun;
+		} else {
+			kprintf("scsi: event 0x%x lun %u reason %u\n", ev, lun, reason);
+		}
+		if (!hp_report)
+			hp_wait = scsi_hp_delay;
+		hp_report = 1;
+	}
+	if (!hp_report)
+		return;
+	if (hp_wait) {
+		hp_wait--;
+		return;
+	}
+	hp_report = 0;
+	/* As Linux does on these events: scan (REPORT LUNS), then use the new units. */
+	hp_report_luns();
+	for (unsigned i = 0; i < hp_n_rescan; i++)
+		hp_drive(hp_rescan[i]);
+	hp_n_rescan = 0;
+}

@@ -69,7 +69,8 @@ int vscsi_init(struct vscsi *s, const struct pci_access *a, uint16_t bdf,
 		vpci_add_status(d, VIRTIO_STATUS_FAILED);
 		return -1;
 	}
-	if (vpci_set_features(d, d->features & wanted_features) != 0) {
+	uint64_t want = wanted_features | (s->hotplug ? BIT(VIRTIO_SCSI_F_HOTPLUG) : 0);
+	if (vpci_set_features(d, d->features & want) != 0) {
 		check_fail("%s FEATURES_OK did not stick (features 0x%lx)", who, d->accepted);
 		return -1;
 	}
@@ -118,12 +119,11 @@ int vscsi_init(struct vscsi *s, const struct pci_access *a, uint16_t bdf,
 		check_fail("%s status 0x%x after DRIVER_OK", who, st);
 		return -1;
 	}
-	/* Event buffers, as a driver keeps them posted (nothing reads them). */
+	/* Event buffers, as a driver keeps them posted (vscsi_event reads them). */
 	struct virtq *eq = &s->q[Q_EVENT];
 	for (unsigned i = 0; i < VSCSI_EVENTS; i++) {
 		struct virtq_buf b = { s->events[i], sizeof(s->events[i]) };
-		if (virtq_add(eq, 0, 0, &b, 1) < 0)
-			break;
+		s->ev_head[i] = virtq_add(eq, 0, 0, &b, 1);
 	}
 	vpci_notify(eq);
 	s->broken = 0;
@@ -247,6 +247,40 @@ int vscsi_cmd(struct vscsi *s, unsigned qi, uint16_t lun, const uint8_t *cdb, un
 	memcpy(r->sense, s->resp + 12, VSCSI_SENSE_SIZE);
 	decode_sense(r);
 	return 0;
+}
+
+int vscsi_event(struct vscsi *s, uint32_t *event, uint16_t *lun, uint32_t *reason)
+{
+	if (s->broken)
+		return 0;
+	struct virtq *eq = &s->q[Q_EVENT];
+	uint32_t len = 0;
+	int id = virtq_get_used(eq, &len);
+	if (id < 0)
+		return 0;
+	unsigned i = 0;
+	while (i < VSCSI_EVENTS && s->ev_head[i] != id)
+		i++;
+	if (i == VSCSI_EVENTS) {
+		check_fail("scsi %s event queue: used id %d is no event buffer", s->name, id);
+		s->broken = 1;
+		return 0;
+	}
+	barrier();
+	const uint8_t *e = s->events[i];
+	*event = get_le32(e);
+	/* lun[8] at 4: 1, target 0, then flat (0x40) or peripheral addressing. */
+	if (e[4] == 1 && e[5] == 0)
+		*lun = (uint16_t)((e[6] & 0x3f) << 8 | e[7]);
+	else
+		*lun = 0xffff;
+	*reason = get_le32(e + 12);
+	if (len < 16)
+		kprintf("scsi %s event of %u bytes\n", s->name, len);
+	struct virtq_buf b = { s->events[i], sizeof(s->events[i]) };
+	s->ev_head[i] = virtq_add(eq, 0, 0, &b, 1);
+	vpci_notify(eq);
+	return 1;
 }
 
 int vscsi_tmf(struct vscsi *s, uint32_t subtype, uint16_t lun)

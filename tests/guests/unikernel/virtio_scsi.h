@@ -85,6 +85,8 @@ struct vscsi {
 	uint32_t sense_size, cdb_size, max_lun;
 	uint16_t max_channel, max_target;
 	uint16_t nq; /* request queues set up */
+	int hotplug; /* set before vscsi_init: negotiate VIRTIO_SCSI_F_HOTPLUG */
+	int ev_head[VSCSI_EVENTS]; /* chain head of each posted event buffer */
 	uint64_t next_id;
 	int broken;
 	unsigned requests;
@@ -94,7 +96,7 @@ struct vscsi {
 extern uint32_t vscsi_timeout_ms;
 
 /* Open the PCI function, run the init sequence (VERSION_1, ACCESS_PLATFORM
- * if offered; no hotplug or T10 PI), read the config, set up the control,
+ * if offered, HOTPLUG if s->hotplug; no T10 PI), read the config, set up the control,
  * event (with a few event buffers) and request queues, DRIVER_OK. 0 on
  * success; otherwise a CHECK FAIL was printed. */
 int vscsi_init(struct vscsi *s, const struct pci_access *a, uint16_t bdf,
@@ -108,6 +110,17 @@ void vscsi_close(struct vscsi *s);
  * VSCSI_TIMEOUT / VSCSI_BROKEN. */
 int vscsi_cmd(struct vscsi *s, unsigned qi, uint16_t lun, const uint8_t *cdb, unsigned cdb_len,
 	      const struct virtq_buf *data, unsigned n, int data_in, struct vscsi_result *r);
+
+/* Event types and transport reset reasons (struct virtio_scsi_event). */
+#define VIRTIO_SCSI_T_TRANSPORT_RESET 1
+#define VIRTIO_SCSI_T_EVENTS_MISSED 0x80000000u
+#define VIRTIO_SCSI_EVT_RESET_RESCAN 1
+#define VIRTIO_SCSI_EVT_RESET_REMOVED 2
+
+/* Takes one event the device delivered, if any: 1 with *event, *lun (of
+ * target 0; 0xffff if it addresses something else) and *reason filled in,
+ * the buffer posted again; 0 when none is waiting. */
+int vscsi_event(struct vscsi *s, uint32_t *event, uint16_t *lun, uint32_t *reason);
 
 /* A task management function on the control queue; returns its response
  * byte, or VSCSI_TIMEOUT / VSCSI_BROKEN. */

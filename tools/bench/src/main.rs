@@ -4,6 +4,7 @@
 mod api;
 mod blk;
 mod confine;
+mod hotplug;
 mod http;
 mod migrate;
 mod net;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use run::{read_rss, Rss, Vm};
 
 const USAGE: &str = "\
-usage: tern-bench boot|api|blk|net|scsi|snapshot|migrate [options]   (tern-bench CMD --help for its options)
+usage: tern-bench boot|api|blk|net|scsi|snapshot|migrate|hotplug [options]   (tern-bench CMD --help for its options)
 
        tern-bench boot [--runs N] [--tern PATH] [--unikernel PATH] [--json PATH]
                        [--linux] [--baseline-tern PATH]
@@ -92,6 +93,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
         Some("snapshot") => return snapshot::main(it),
         Some("migrate") => return migrate::main(it),
         Some("scsi") => return scsi::main(it),
+        Some("hotplug") => return hotplug::main(it),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return Ok(());

@@ -71,9 +71,24 @@ pub struct DeviceInfo {
     /// The managed backend's process ID.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_pid: Option<u32>,
-    /// A virtio-scsi controller's LUNs: the drive ids, LUN 0 first.
+    /// A virtio-scsi controller's LUNs: the drive ids, in LUN order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub luns: Option<Vec<String>>,
+    /// A virtio-scsi controller's LUNs with their numbers and states.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scsi_luns: Option<Vec<LunInfo>>,
+}
+
+/// A LUN of a virtio-scsi controller in `GET /devices`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LunInfo {
+    /// The drive id.
+    pub id: String,
+    /// The LUN number on target 0.
+    pub lun: u16,
+    /// `plugging` from a hot add until the guest sends the LUN a command,
+    /// then `attached`.
+    pub state: &'static str,
 }
 
 impl DeviceInfo {
@@ -88,6 +103,7 @@ impl DeviceInfo {
             backend: None,
             backend_pid: None,
             luns: None,
+            scsi_luns: None,
         }
     }
 
@@ -102,6 +118,7 @@ impl DeviceInfo {
             backend: None,
             backend_pid: None,
             luns: None,
+            scsi_luns: None,
         }
     }
 }
@@ -211,6 +228,7 @@ pub fn build(vm: &VmFd, exit: &ExitSender, serial_out: SerialOut) -> Result<Mach
         backend: None,
         backend_pid: None,
         luns: None,
+        scsi_luns: None,
     };
     let devices = vec![
         DeviceInfo::pci("host-bridge", "pci-host-bridge", hb.0, hb.1),

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a backend may take to open its socket.
@@ -89,7 +90,9 @@ pub struct BackendProcess {
     /// What it was started with, to start it again if it dies.
     bin: PathBuf,
     id: String,
-    args: Vec<String>,
+    /// Shared with whoever changes what the backend serves at run time (a
+    /// hot added LUN), so that a restart serves the same.
+    args: Arc<Mutex<Vec<String>>>,
     last_start: Instant,
 }
 
@@ -279,7 +282,7 @@ impl BackendProcess {
             socket,
             bin: bin.to_owned(),
             id: id.to_owned(),
-            args: args.to_vec(),
+            args: Arc::new(Mutex::new(args.to_vec())),
             last_start: Instant::now(),
         })
     }
@@ -298,7 +301,9 @@ impl BackendProcess {
             self.bin.display(),
             self.id
         );
-        let fresh = Self::start(&self.bin, &self.id, &self.args)?;
+        let args = self.args.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut fresh = Self::start(&self.bin, &self.id, &args)?;
+        fresh.args = self.args.clone();
         // The old process is reaped (try_wait) and its socket path is now
         // the new one's: its Drop must not kill or unlink anything.
         std::mem::forget(std::mem::replace(self, fresh));
@@ -308,6 +313,12 @@ impl BackendProcess {
     /// The socket it serves.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The arguments a restart uses (after `--socket`), to be changed
+    /// when what the backend serves changes.
+    pub fn shared_args(&self) -> Arc<Mutex<Vec<String>>> {
+        self.args.clone()
     }
 
     /// Its process ID.

@@ -301,6 +301,12 @@ impl VirtioPciDevice {
         self.device.state()
     }
 
+    /// Whether the guest's driver has set DRIVER_OK (it has the device
+    /// running; the end of a hot plug's `plugging`).
+    pub fn driver_ok(&self) -> bool {
+        self.common.status & status::DRIVER_OK != 0
+    }
+
     /// Who serves the device.
     pub fn backend(&self) -> Option<String> {
         self.device.backend()

@@ -66,12 +66,16 @@ impl VirtioPciDevice {
             && self.common.status & status::DEVICE_NEEDS_RESET == 0
     }
 
-    /// Queues whose every request gets an answer (block and SCSI queues,
-    /// net transmit and control), as opposed to receive queues that hold
-    /// buffers until packets arrive.
+    /// Queues whose every request gets an answer (block and SCSI request
+    /// queues, SCSI control, net transmit and control), as opposed to net
+    /// receive queues that hold buffers until packets arrive and the SCSI
+    /// event queue (1) that holds them until a LUN is added or removed.
     fn completes_everything(&self, queue: usize) -> bool {
-        let net = self.device.device_type() == 1;
-        !(net && queue.is_multiple_of(2) && queue + 1 != self.common.queues.len())
+        match self.device.device_type() {
+            1 => !(queue.is_multiple_of(2) && queue + 1 != self.common.queues.len()),
+            8 => queue != 1,
+            _ => true,
+        }
     }
 
     /// With the vCPUs paused, waits until the backend has completed every
