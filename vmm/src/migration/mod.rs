@@ -6,6 +6,7 @@
 //! See `docs/migration.md`.
 
 pub mod dirty_rate;
+mod pages;
 pub mod protocol;
 mod receive;
 mod send;

@@ -2,9 +2,10 @@
 //! started or connected) around fresh memory — or the source's own memfd
 //! on the same host — take the pages and the state, and resume.
 
-use std::os::unix::fs::FileExt;
+use std::io::BufReader;
 use std::time::Instant;
 
+use super::pages::{check_runs, PageReceiver};
 use super::protocol::{self, Frame, PROTOCOL_VERSION};
 use super::send::guest_cpu_features;
 use super::stream::{ListenSocket, MigrationUrl, Stream};
@@ -171,6 +172,7 @@ fn run(
     // without it (a later snapshot or migration turns it on).
     config.machine_config.track_dirty_pages = false;
 
+    let huge = config.machine_config.huge_pages == crate::config::HugePages::Huge2M;
     let ram = if local {
         protocol::send(&mut stream, &Frame::Ready)?;
         let file = stream.recv_fd()?;
@@ -193,29 +195,25 @@ fn run(
     shared.update(|s| s.status = "active");
 
     let mut state: Option<SnapshotState> = None;
+    // Frame headers are small reads: buffer them (page data bypasses the
+    // buffer, being read in pieces larger than it).
+    let mut rx = BufReader::with_capacity(64 << 10, stream.try_clone()?);
+    let mut sink = PageReceiver::new(platform.ram(), huge)?;
     loop {
         if shared.cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        match protocol::recv(&mut stream)? {
-            Frame::Pages { offset, data, .. } => {
-                let end = offset.checked_add(data.len() as u64);
-                if local || end.is_none_or(|e| e > mem_size) {
+        match protocol::recv_head(&mut rx)? {
+            Frame::Pages { runs, .. } => {
+                if local {
                     return Err(protocol::ProtocolError::Unexpected {
-                        expected: "pages inside guest memory",
-                        got: format!("{} bytes at {offset:#x}", data.len()),
+                        expected: "no pages (local migration)",
+                        got: "Pages".into(),
                     }
                     .into());
                 }
-                platform
-                    .ram()
-                    .file
-                    .write_all_at(&data, offset)
-                    .map_err(|err| MigrationError::Os {
-                        what: "writing guest memory",
-                        err,
-                    })?;
-                let n = data.len() as u64;
+                check_runs(&runs, mem_size)?;
+                let n = sink.batch(&mut rx, &runs, platform.ram())?;
                 shared.update(|s| s.bytes_sent += n);
             }
             Frame::RoundEnd { round } => shared.update(|s| s.round = round),

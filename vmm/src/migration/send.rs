@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::protocol::{self, Frame, MAX_BATCH};
+use super::pages::{Kind, PageSender};
+use super::protocol::{self, Frame};
 use super::stream::{MigrationUrl, Stream};
 use super::tracking::count;
 use super::{MigrationError, SharedMigration};
@@ -102,89 +103,71 @@ pub(crate) fn guest_cpu_features(config: &crate::config::VmConfig) -> Result<Vec
     )))
 }
 
-/// Sends pages to the destination, at most `rate` bytes/s.
-struct Pacer<'a> {
-    stream: &'a mut Stream,
-    shared: &'a SharedMigration,
-    rate: Option<f64>,
-    started: Instant,
-    sent: u64,
-    /// A copy of the run being sent: the guest may write the pages while
-    /// they go out, and the CRC must cover the very bytes sent.
-    buf: Vec<u8>,
-}
-
-impl Pacer<'_> {
-    fn send_run(&mut self, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
-        if self.shared.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        for (i, chunk) in data.chunks(MAX_BATCH).enumerate() {
-            let at = offset + (i * MAX_BATCH) as u64;
-            self.buf.clear();
-            self.buf.extend_from_slice(chunk);
-            protocol::send(self.stream, &protocol::pages(at, &self.buf))?;
-            self.sent += chunk.len() as u64;
-            if let Some(rate) = self.rate {
-                let due = Duration::from_secs_f64(self.sent as f64 / rate);
-                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-        }
-        let sent = data.len() as u64;
-        self.shared.update(|s| s.bytes_sent += sent);
-        Ok(())
-    }
-}
-
 /// Sends a round: every data page (round 0, zero pages skipped since the
-/// destination's memory starts zeroed), or the pages set in `dirty`.
-/// Returns bytes sent.
-fn send_round(
+/// destination's memory starts zeroed), or the pages set in `dirty` (zero
+/// ones as zero runs, without their bytes). Returns data bytes sent.
+fn send_round<W: Write>(
     vmm: &Vmm,
-    pacer: &mut Pacer,
+    tx: &mut PageSender<W>,
     dirty: Option<&[Vec<u64>]>,
 ) -> Result<u64, MigrationError> {
-    let before = pacer.sent;
+    let before = tx.sent;
     let regions = regions(&vmm.ram).map_err(|e| MigrationError::Os {
         what: "guest memory",
         err: std::io::Error::other(e.to_string()),
     })?;
     for (ri, region) in regions.iter().enumerate() {
-        let bit = |p: u64| match dirty {
-            None => true,
-            Some(b) => b
-                .get(ri)
-                .and_then(|m| m.get((p / 64) as usize))
-                .is_some_and(|w| w >> (p % 64) & 1 == 1),
+        let pages = region.bytes.len() as u64 / PAGE;
+        let mut one = |p: u64| -> Result<(), MigrationError> {
+            // The guest may be writing this page right now: a torn copy is
+            // fine, the page is dirty again and goes in a later round.
+            let page = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+            let kind = if is_zero(page) {
+                if dirty.is_none() {
+                    return Ok(());
+                }
+                Kind::Zero
+            } else {
+                Kind::Data
+            };
+            // SAFETY: the page is guest RAM, mapped while the VM lives.
+            unsafe {
+                tx.add(
+                    region.file_offset + p * PAGE,
+                    page.as_ptr(),
+                    PAGE as usize,
+                    kind,
+                )
+            }
         };
-        for (first, end) in data_pages(&vmm.ram, region) {
-            let mut p = first;
-            while p < end {
-                // The guest may be writing this page right now: a torn copy
-                // is fine, the page is dirty again and goes in a later round.
-                let page = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
-                let keep = bit(p) && (dirty.is_some() || !is_zero(page));
-                if !keep {
-                    p += 1;
-                    continue;
-                }
-                let start = p;
-                p += 1;
-                while p < end && (p - start) * PAGE < MAX_BATCH as u64 && bit(p) {
-                    let pg = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
-                    if dirty.is_none() && is_zero(pg) {
-                        break;
+        match dirty {
+            None => {
+                for (first, end) in data_pages(&vmm.ram, region) {
+                    for p in first..end {
+                        one(p)?;
                     }
-                    p += 1;
                 }
-                let bytes = &region.bytes[(start * PAGE) as usize..(p * PAGE) as usize];
-                pacer.send_run(region.file_offset + start * PAGE, bytes)?;
+            }
+            Some(bitmaps) => {
+                let Some(bitmap) = bitmaps.get(ri) else {
+                    continue;
+                };
+                // Word by word: most words of a large guest are clear.
+                for (wi, &word) in bitmap.iter().enumerate() {
+                    let mut w = word;
+                    while w != 0 {
+                        let p = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                        w &= w - 1;
+                        if p < pages {
+                            one(p)?;
+                        }
+                    }
+                }
             }
         }
     }
-    Ok(pacer.sent - before)
+    tx.flush()?;
+    Ok(tx.sent - before)
 }
 
 /// Holds the vCPUs back for `percent` of every 10 ms while asked to.
@@ -357,21 +340,14 @@ fn precopy(
             scope.spawn(|| throttle_loop(vmm_ref, &throttle, &done));
         }
         let result = (|| {
-            let mut pacer = Pacer {
-                stream,
-                shared,
-                rate,
-                started: Instant::now(),
-                sent: 0,
-                buf: Vec::new(),
-            };
+            let mut pacer = PageSender::new(stream, shared, rate);
             let mut round = 0u32;
             let mut dirty: Option<Vec<Vec<u64>>> = None;
             let mut last_dirty_bytes = u64::MAX;
             loop {
                 let t = Instant::now();
                 let sent = send_round(vmm_ref, &mut pacer, dirty.as_deref())?;
-                protocol::send(pacer.stream, &Frame::RoundEnd { round })?;
+                pacer.frame(&Frame::RoundEnd { round })?;
                 let took = t.elapsed().as_secs_f64().max(1e-6);
                 let bandwidth = (sent as f64 / took).max(1e6);
                 let next = vmm_ref.take_dirty()?;
@@ -441,14 +417,7 @@ fn finish(
             if let Some(earlier) = vmm.pending_dirty.take() {
                 crate::vhost_user::dirty_log::merge_bitmaps(&mut dirty, &earlier);
             }
-            let mut pacer = Pacer {
-                stream: &mut *stream,
-                shared,
-                rate: None,
-                started: Instant::now(),
-                sent: 0,
-                buf: Vec::new(),
-            };
+            let mut pacer = PageSender::new(&mut *stream, shared, None);
             send_round(vmm, &mut pacer, Some(&dirty))?;
         }
         let state = vmm.capture_state(SnapshotKind::Full, &virtio)?;
