@@ -1,7 +1,7 @@
 //! Moving pages: the source gathers the pages of a round into batches and
 //! writes each as a `Pages` header, the raw bytes and their CRC (see
-//! [`super::protocol`]); the destination reads the bytes through a reused
-//! buffer into guest memory.
+//! [`super::protocol`]); the destination reads the bytes into a few
+//! reused buffers that a second thread writes into guest memory.
 //!
 //! Why a buffer on both sides rather than straight from and to guest
 //! memory: on the source the guest keeps writing its pages during
@@ -15,6 +15,8 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -94,7 +96,12 @@ impl<'a, W: Write> PageSender<'a, W> {
         if let Some(last) = self.runs.last_mut() {
             let end = last.run.offset + u64::from(last.run.len);
             let fits = zero || self.data + len <= MAX_BATCH;
+            // Adjacent in the file is not enough: RAM's regions are
+            // separate mappings (low RAM ends where high RAM starts in the
+            // file, not in the address space).
+            let follows = last.src.wrapping_add(last.run.len as usize) == src;
             if end == offset
+                && follows
                 && last.run.zero == zero
                 && fits
                 && last.run.len as usize + len <= MAX_BATCH
@@ -121,6 +128,11 @@ impl<'a, W: Write> PageSender<'a, W> {
             self.data += len;
         }
         Ok(())
+    }
+
+    /// The connection.
+    pub(super) fn out(&mut self) -> &mut W {
+        self.out
     }
 
     /// Writes the batch so far, then `frame`.
@@ -198,17 +210,134 @@ impl<'a, W: Write> PageSender<'a, W> {
     }
 }
 
-/// Where the destination puts page bytes.
+/// Buffers between the destination's reader and writer: enough for the
+/// writer to catch up on a burst, few enough to stay in the CPU's cache.
+const BUFFERS: usize = 4;
+
+/// A piece of a batch for the destination's writer.
+enum Piece {
+    /// `len` bytes of `buf` go at `offset`.
+    Data {
+        buf: Vec<u8>,
+        len: usize,
+        offset: u64,
+    },
+    /// `len` zero bytes go at `offset`.
+    Zero { len: usize, offset: u64 },
+}
+
+/// The destination's page path: this thread reads the bytes off the
+/// stream (and checks their CRC while they are in cache) into a few
+/// reused buffers; a writer thread puts them into guest memory. Writing
+/// into fresh memory is the larger half of the work (the kernel allocates
+/// each page), so the two halves run on two cores when the host has them.
 pub(super) struct PageReceiver {
-    buf: Vec<u8>,
-    /// Guest RAM as (file offset, host address, length), for memory that
-    /// cannot be written through its file (hugetlbfs has no write).
-    mapped: Option<Vec<(u64, *mut u8, u64)>>,
+    full: Option<SyncSender<Piece>>,
+    free: Receiver<Vec<u8>>,
+}
+
+/// Starts the writer thread in `scope` for `ram` (through the mapping when
+/// `huge`: hugetlbfs has no write) and returns the reader's end.
+pub(super) fn start_receiver<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    ram: &'env GuestRam,
+    huge: bool,
+) -> Result<
+    (
+        PageReceiver,
+        ScopedJoinHandle<'scope, Result<(), MigrationError>>,
+    ),
+    MigrationError,
+> {
+    let writer = Writer::new(ram, huge)?;
+    let (full_tx, full_rx) = sync_channel::<Piece>(BUFFERS);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        // Cannot fail: the channel has room for them all and both ends live.
+        let _ = free_tx.send(vec![0u8; CHUNK]);
+    }
+    let handle = std::thread::Builder::new()
+        .name("migration-write".into())
+        .spawn_scoped(scope, move || writer.run(full_rx, free_tx))
+        .map_err(|err| MigrationError::Os {
+            what: "starting the page writer thread",
+            err,
+        })?;
+    Ok((
+        PageReceiver {
+            full: Some(full_tx),
+            free: free_rx,
+        },
+        handle,
+    ))
+}
+
+/// The writer went away: it failed, and its own error says why.
+fn writer_gone() -> MigrationError {
+    MigrationError::Os {
+        what: "writing guest memory",
+        err: std::io::Error::other("the page writer stopped"),
+    }
 }
 
 impl PageReceiver {
-    /// A receiver for `ram`, writing through the mapping when `huge`.
-    pub(super) fn new(ram: &GuestRam, huge: bool) -> Result<Self, MigrationError> {
+    /// Reads the data and CRC of a `Pages` batch with `runs` from `r` and
+    /// hands them to the writer (every run already checked to lie inside
+    /// RAM, see [`check_runs`]). Returns the data bytes.
+    pub(super) fn batch(
+        &mut self,
+        r: &mut impl Read,
+        runs: &[PageRun],
+    ) -> Result<u64, MigrationError> {
+        let full = self.full.as_ref().ok_or_else(writer_gone)?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut data = 0u64;
+        for run in runs {
+            let len = run.len as usize;
+            if run.zero {
+                full.send(Piece::Zero {
+                    len,
+                    offset: run.offset,
+                })
+                .map_err(|_| writer_gone())?;
+                continue;
+            }
+            let mut done = 0usize;
+            while done < len {
+                let mut buf = self.free.recv().map_err(|_| writer_gone())?;
+                let n = (len - done).min(buf.len());
+                protocol::read_payload(r, &mut buf[..n])?;
+                crc.update(&buf[..n]);
+                full.send(Piece::Data {
+                    buf,
+                    len: n,
+                    offset: run.offset + done as u64,
+                })
+                .map_err(|_| writer_gone())?;
+                done += n;
+            }
+            data += len as u64;
+        }
+        protocol::check_trailer(r, crc)?;
+        Ok(data)
+    }
+
+    /// No more pages: the writer finishes what it holds and ends.
+    pub(super) fn close(&mut self) {
+        self.full = None;
+    }
+}
+
+/// Where the destination's writer puts page bytes.
+struct Writer<'a> {
+    ram: &'a GuestRam,
+    /// Guest RAM as (file offset, host address, length), for memory that
+    /// cannot be written through its file (hugetlbfs has no write).
+    mapped: Option<Vec<(u64, usize, u64)>>,
+}
+
+impl<'a> Writer<'a> {
+    fn new(ram: &'a GuestRam, huge: bool) -> Result<Self, MigrationError> {
         let mapped = if huge {
             let mut v = Vec::new();
             let mut off = 0u64;
@@ -219,58 +348,47 @@ impl PageReceiver {
                         what: "guest memory",
                         err: std::io::Error::other(e.to_string()),
                     })?;
-                v.push((off, host, r.len()));
+                v.push((off, host as usize, r.len()));
                 off += r.len();
             }
             Some(v)
         } else {
             None
         };
-        Ok(Self {
-            buf: vec![0u8; CHUNK],
-            mapped,
-        })
+        Ok(Self { ram, mapped })
     }
 
-    /// Reads the data and CRC of a `Pages` batch with `runs` from `r` into
-    /// `ram` (every run already checked to lie inside it, see
-    /// [`check_runs`]). Returns the data bytes.
-    pub(super) fn batch(
-        &mut self,
-        r: &mut impl Read,
-        runs: &[PageRun],
-        ram: &GuestRam,
-    ) -> Result<u64, MigrationError> {
-        let mut crc = crc32fast::Hasher::new();
-        let mut data = 0u64;
-        for run in runs {
-            let len = run.len as usize;
-            let mut done = 0usize;
-            while done < len {
-                let n = (len - done).min(self.buf.len());
-                let chunk = &mut self.buf[..n];
-                if run.zero {
-                    chunk.fill(0);
-                } else {
-                    protocol::read_payload(r, chunk)?;
-                    crc.update(chunk);
+    /// Writes pieces until the reader closes its end, handing each buffer
+    /// back.
+    fn run(self, full: Receiver<Piece>, free: SyncSender<Vec<u8>>) -> Result<(), MigrationError> {
+        let mut zeros: Vec<u8> = Vec::new();
+        for piece in full {
+            match piece {
+                Piece::Data { buf, len, offset } => {
+                    self.put(&buf[..len], offset)?;
+                    // The reader may be gone (it failed): nothing to hand back.
+                    let _ = free.send(buf);
                 }
-                self.put(ram, run.offset + done as u64, n)?;
-                done += n;
-            }
-            if !run.zero {
-                data += len as u64;
+                Piece::Zero { len, offset } => {
+                    let mut done = 0;
+                    while done < len {
+                        let n = (len - done).min(CHUNK);
+                        zeros.resize(n.max(zeros.len()), 0);
+                        self.put(&zeros[..n], offset + done as u64)?;
+                        done += n;
+                    }
+                }
             }
         }
-        protocol::check_trailer(r, crc)?;
-        Ok(data)
+        Ok(())
     }
 
-    /// Writes the first `n` bytes of the buffer at `offset` in guest RAM.
-    fn put(&mut self, ram: &GuestRam, offset: u64, n: usize) -> Result<(), MigrationError> {
-        let bytes = &self.buf[..n];
+    /// Writes `bytes` at `offset` in guest RAM.
+    fn put(&self, bytes: &[u8], offset: u64) -> Result<(), MigrationError> {
+        let n = bytes.len() as u64;
         match &self.mapped {
-            None => ram
+            None => self
+                .ram
                 .file
                 .write_all_at(bytes, offset)
                 .map_err(|err| MigrationError::Os {
@@ -282,18 +400,19 @@ impl PageReceiver {
                     .iter()
                     .copied()
                     .find(|&(s, _, l)| offset >= s && offset - s < l)
-                    .ok_or_else(|| outside(offset, n as u64))?;
-                if offset - start + n as u64 > len {
-                    return Err(outside(offset, n as u64));
+                    .ok_or_else(|| outside(offset, n))?;
+                if offset - start + n > len {
+                    return Err(outside(offset, n));
                 }
                 // SAFETY: the range lies inside the region's mapping
-                // (checked just above); the destination's vCPUs do not run
-                // yet and nothing else refers to these bytes.
+                // (checked just above), which lives as long as `ram`; the
+                // destination's vCPUs do not run yet and nothing else
+                // refers to these bytes.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         bytes.as_ptr(),
-                        host.add((offset - start) as usize),
-                        n,
+                        (host as *mut u8).add((offset - start) as usize),
+                        bytes.len(),
                     )
                 };
                 Ok(())
@@ -326,6 +445,42 @@ pub(super) fn check_runs(runs: &[PageRun], mem_size: u64) -> Result<(), Migratio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_carry_the_right_bytes_across_separate_mappings() {
+        // Two "regions" adjacent in the file but not in memory.
+        let a = vec![1u8; 8192];
+        let b = vec![2u8; 4096];
+        let zero = vec![0u8; 4096];
+        let shared = SharedMigration::default();
+        let mut out = Vec::new();
+        let mut tx = PageSender::new(&mut out, &shared, None);
+        // SAFETY: the vectors outlive the sender.
+        unsafe {
+            tx.add(0, a.as_ptr(), 4096, Kind::Data).unwrap();
+            tx.add(4096, a.as_ptr().add(4096), 4096, Kind::Data)
+                .unwrap();
+            tx.add(8192, b.as_ptr(), 4096, Kind::Data).unwrap();
+            tx.add(12288, zero.as_ptr(), 4096, Kind::Zero).unwrap();
+        }
+        tx.frame(&Frame::Complete).unwrap();
+        assert_eq!(tx.sent, 12288);
+        let mut r = &out[..];
+        match protocol::recv(&mut r).unwrap() {
+            Frame::Pages { runs, data } => {
+                assert_eq!(
+                    runs.iter()
+                        .map(|r| (r.offset, r.len, r.zero))
+                        .collect::<Vec<_>>(),
+                    [(0, 8192, false), (8192, 4096, false), (12288, 4096, true)]
+                );
+                assert_eq!(&data[..8192], &a[..]);
+                assert_eq!(&data[8192..], &b[..]);
+            }
+            other => panic!("{}", protocol::name(&other)),
+        }
+        assert!(matches!(protocol::recv(&mut r).unwrap(), Frame::Complete));
+    }
 
     #[test]
     fn runs_outside_ram_are_refused() {

@@ -2,7 +2,8 @@
 //! [`Frame`] (bincode's length prefixes do the framing). The source opens
 //! with `Hello` (protocol version and the VM's configuration); the
 //! destination answers `Ready` or `Refused` before any page moves; then
-//! come `Pages` batches and `RoundEnd` marks, the final `State`, and the
+//! come `Pages` batches and `RoundEnd` marks (each answered `Received` once
+//! the destination holds the round), the final `State`, and the
 //! `Complete` / `Resumed` handshake.
 //!
 //! A `Pages` frame is only a header: the list of page runs it carries.
@@ -106,6 +107,15 @@ pub enum Frame<'a> {
     Failed {
         /// Why.
         reason: String,
+    },
+    /// Destination: it has read every page up to `RoundEnd { round }`.
+    /// The source waits for it before reading the dirty log again,
+    /// so a round's time covers the pages' arrival, not just their trip
+    /// into socket buffers (which on TCP hold tens of MiB: left in flight
+    /// at the pause, they would add to the downtime).
+    Received {
+        /// The round.
+        round: u32,
     },
 }
 
@@ -335,6 +345,7 @@ pub fn name(f: &Frame) -> String {
         Frame::Complete => "Complete",
         Frame::Resumed => "Resumed",
         Frame::Failed { .. } => "Failed",
+        Frame::Received { .. } => "Received",
     }
     .to_string()
 }

@@ -202,6 +202,27 @@ fn expect_ready(stream: &mut Stream) -> Result<(), MigrationError> {
     }
 }
 
+/// Waits for the destination's `Received { round }` (earlier rounds'
+/// answers may come first).
+fn wait_received(stream: &mut Stream, round: u32) -> Result<(), MigrationError> {
+    loop {
+        match protocol::recv(stream)? {
+            Frame::Received { round: r } if r == round => return Ok(()),
+            Frame::Received { round: r } if r < round => {}
+            Frame::Refused { reason } | Frame::Failed { reason } => {
+                return Err(MigrationError::Refused(reason))
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "Received",
+                    got: protocol::name(&other),
+                }
+                .into())
+            }
+        }
+    }
+}
+
 /// Migrates `vmm` as `params` say, and hands it back: on failure running
 /// (or paused, if it was paused before) as it was.
 pub fn send(
@@ -348,6 +369,7 @@ fn precopy(
                 let t = Instant::now();
                 let sent = send_round(vmm_ref, &mut pacer, dirty.as_deref())?;
                 pacer.frame(&Frame::RoundEnd { round })?;
+                wait_received(pacer.out(), round)?;
                 let took = t.elapsed().as_secs_f64().max(1e-6);
                 let bandwidth = (sent as f64 / took).max(1e6);
                 let next = vmm_ref.take_dirty()?;
@@ -362,11 +384,14 @@ fn precopy(
                     s.throttle_percent = throttle.load(Ordering::SeqCst);
                 });
                 log::debug!(
-                    "migration round {round}: sent {} KiB in {:.1} ms, {} KiB dirty, expected downtime {:?}",
+                    "migration round {round}: sent {} KiB in {:.1} ms ({:.2} GB/s), dirty log read in {:.1} ms, {} KiB dirty, expected downtime {:?}, thread CPU {:.0} ms",
                     sent >> 10,
                     took * 1e3,
+                    sent as f64 / took / 1e9,
+                    (t.elapsed().as_secs_f64() - took) * 1e3,
                     dirty_bytes >> 10,
-                    expected
+                    expected,
+                    super::thread_cpu().as_secs_f64() * 1e3
                 );
                 dirty = Some(next);
                 round += 1;
@@ -411,20 +436,26 @@ fn finish(
     vmm.pause()?;
     let paused_at = Instant::now();
     let virtio = vmm.stop_devices()?;
+    // Where the pause goes, for the debug log.
+    let mut marks: Vec<(&str, Instant)> = vec![("devices stopped", Instant::now())];
     let result = (|| {
         if !params.local {
             let mut dirty = vmm.take_dirty()?;
             if let Some(earlier) = vmm.pending_dirty.take() {
                 crate::vhost_user::dirty_log::merge_bitmaps(&mut dirty, &earlier);
             }
+            marks.push(("dirty log read", Instant::now()));
             let mut pacer = PageSender::new(&mut *stream, shared, None);
-            send_round(vmm, &mut pacer, Some(&dirty))?;
+            let sent = send_round(vmm, &mut pacer, Some(&dirty))?;
+            log::debug!("migration: {} KiB in the final copy", sent >> 10);
+            marks.push(("last pages sent", Instant::now()));
         }
         let state = vmm.capture_state(SnapshotKind::Full, &virtio)?;
         let body = serde_json::to_vec(&state).map_err(|e| MigrationError::Os {
             what: "encoding the state",
             err: std::io::Error::other(e),
         })?;
+        marks.push(("state captured", Instant::now()));
         protocol::send(
             stream,
             &Frame::State {
@@ -434,8 +465,22 @@ fn finish(
         )?;
         protocol::send(stream, &Frame::Complete)?;
         stream.flush().map_err(protocol::ProtocolError::Io)?;
+        marks.push(("state sent", Instant::now()));
         match protocol::recv(stream)? {
-            Frame::Resumed => Ok(paused_at.elapsed()),
+            Frame::Resumed => {
+                marks.push(("resumed there", Instant::now()));
+                let mut at = paused_at;
+                let steps: Vec<String> = marks
+                    .iter()
+                    .map(|(what, t)| {
+                        let d = t.duration_since(at);
+                        at = *t;
+                        format!("{what} +{:.2} ms", d.as_secs_f64() * 1e3)
+                    })
+                    .collect();
+                log::debug!("migration downtime: paused, {}", steps.join(", "));
+                Ok(paused_at.elapsed())
+            }
             Frame::Failed { reason } | Frame::Refused { reason } => {
                 Err(MigrationError::Refused(reason))
             }
