@@ -380,6 +380,10 @@ impl<'a> Writer<'a> {
                 }
             }
         }
+        log::debug!(
+            "incoming migration: page writer thread CPU {:.0} ms",
+            super::thread_cpu().as_secs_f64() * 1e3
+        );
         Ok(())
     }
 

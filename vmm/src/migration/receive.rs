@@ -192,6 +192,10 @@ fn run(
         Err(e) => return Err(refuse(&mut stream, e.to_string())),
     };
     protocol::send(&mut stream, &Frame::Ready)?;
+    log::debug!(
+        "incoming migration: VM built, Ready {:.1} ms after Hello",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     shared.update(|s| s.status = "active");
 
     // Frame headers are small reads: buffer them (page data bypasses the
