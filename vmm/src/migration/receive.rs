@@ -202,20 +202,25 @@ fn run(
     // buffer, being read in pieces larger than it).
     let mut rx = BufReader::with_capacity(64 << 10, stream.try_clone()?);
     let ram = platform.ram();
-    let state = std::thread::scope(|scope| {
-        let (mut sink, writer) = start_receiver(scope, ram, huge)?;
-        let read = take_stream(&mut rx, &mut stream, &mut sink, shared, local, mem_size);
-        // Every page is in memory once the writer is done.
-        sink.close();
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(MigrationError::Os {
-                what: "writing guest memory",
-                err: std::io::Error::other("the page writer thread panicked"),
-            })
-        });
-        // The writer's failure is what stopped the reader, if both failed.
-        written.and(read)
-    })?;
+    let state = if local {
+        // The memory came as the source's own memfd: no pages, no writer.
+        take_stream(&mut rx, &mut stream, None, shared, mem_size)?
+    } else {
+        std::thread::scope(|scope| {
+            let (mut sink, writer) = start_receiver(scope, ram, huge)?;
+            let read = take_stream(&mut rx, &mut stream, Some(&mut sink), shared, mem_size);
+            // Every page is in memory once the writer is done.
+            sink.close();
+            let written = writer.join().unwrap_or_else(|_| {
+                Err(MigrationError::Os {
+                    what: "writing guest memory",
+                    err: std::io::Error::other("the page writer thread panicked"),
+                })
+            });
+            // The writer's failure is what stopped the reader, if both failed.
+            written.and(read)
+        })?
+    };
     let Some(state) = state else {
         return Err(protocol::ProtocolError::Unexpected {
             expected: "State before Complete",
@@ -256,14 +261,14 @@ fn run(
     Ok(vmm)
 }
 
-/// Reads frames up to `Complete`: pages go to `sink`, each `RoundEnd` is
-/// answered on `stream`. Returns the state that came.
+/// Reads frames up to `Complete`: pages go to `sink` (none for a local
+/// migration, which takes no pages), each `RoundEnd` is answered on
+/// `stream`. Returns the state that came.
 fn take_stream(
     rx: &mut impl std::io::Read,
     stream: &mut Stream,
-    sink: &mut PageReceiver,
+    mut sink: Option<&mut PageReceiver>,
     shared: &SharedMigration,
-    local: bool,
     mem_size: u64,
 ) -> Result<Option<SnapshotState>, MigrationError> {
     let mut state = None;
@@ -273,13 +278,13 @@ fn take_stream(
         }
         match protocol::recv_head(rx)? {
             Frame::Pages { runs, .. } => {
-                if local {
+                let Some(sink) = sink.as_deref_mut() else {
                     return Err(protocol::ProtocolError::Unexpected {
                         expected: "no pages (local migration)",
                         got: "Pages".into(),
                     }
                     .into());
-                }
+                };
                 check_runs(&runs, mem_size)?;
                 let n = sink.batch(rx, &runs)?;
                 shared.update(|s| s.bytes_sent += n);
