@@ -25,9 +25,9 @@ use super::protocol::{self, Frame, PageRun, MAX_BATCH, MAX_RUNS};
 use super::{MigrationError, SharedMigration};
 use crate::memory::GuestRam;
 
-/// Bytes the source copies and writes at a time: big enough that a write
-/// moves a lot per system call, small enough to stay in the CPU's cache
-/// between the copy, the CRC and the socket's copy.
+/// Bytes copied, written or read at a time on either side: big enough that
+/// a system call moves a lot, small enough to stay in the CPU's cache
+/// between the copy, the CRC and the kernel's copy.
 const CHUNK: usize = 1 << 20;
 
 /// What a page is, as the source sends it.
