@@ -487,6 +487,62 @@ mod tests {
     }
 
     #[test]
+    fn the_destination_puts_data_and_zero_runs_into_memory_and_checks_the_crc() {
+        use std::os::unix::fs::FileExt;
+        // 4 GiB: two regions, the low one ending where the high one starts
+        // in the file. Sparse: only the pages written are allocated.
+        let ram = crate::memory::create_guest_ram(4 << 10, false).unwrap();
+        let low = ram.memory.iter().next().unwrap().len();
+        ram.file.write_all_at(&[9u8; 4096], low + 4096).unwrap();
+        let a = vec![5u8; 8192];
+        let zero = vec![0u8; 4096];
+        let shared = SharedMigration::default();
+        let mut out = Vec::new();
+        let mut tx = PageSender::new(&mut out, &shared, None);
+        // SAFETY: the vectors outlive the sender.
+        unsafe {
+            tx.add(low - 4096, a.as_ptr(), 4096, Kind::Data).unwrap();
+            tx.add(low, a.as_ptr().add(4096), 4096, Kind::Data).unwrap();
+            tx.add(low + 4096, zero.as_ptr(), 4096, Kind::Zero).unwrap();
+        }
+        tx.flush().unwrap();
+        let mut bad = out.clone();
+        let n = bad.len();
+        bad[n - 100] ^= 1;
+
+        let run = |bytes: &[u8]| -> Result<u64, MigrationError> {
+            let mut r = bytes;
+            let Frame::Pages { runs, .. } = protocol::recv_head(&mut r)? else {
+                panic!("not Pages");
+            };
+            check_runs(&runs, ram.size)?;
+            std::thread::scope(|scope| {
+                let (mut sink, writer) = start_receiver(scope, &ram, false)?;
+                let got = sink.batch(&mut r, &runs);
+                sink.close();
+                writer.join().unwrap().and(got)
+            })
+        };
+        assert!(matches!(
+            run(&bad),
+            Err(MigrationError::Protocol(
+                protocol::ProtocolError::Checksum { .. }
+            ))
+        ));
+        assert_eq!(run(&out).unwrap(), 8192);
+        let mut back = vec![0u8; 3 * 4096];
+        ram.file.read_exact_at(&mut back, low - 4096).unwrap();
+        assert!(back[..8192].iter().all(|&b| b == 5));
+        assert!(back[8192..].iter().all(|&b| b == 0), "the zero run");
+        assert!(matches!(
+            run(&out[..out.len() - 2]),
+            Err(MigrationError::Protocol(
+                protocol::ProtocolError::Truncated(_)
+            ))
+        ));
+    }
+
+    #[test]
     fn runs_outside_ram_are_refused() {
         let run = |offset, len| PageRun {
             offset,
