@@ -340,8 +340,8 @@ fn an_idle_1gib_guest_moves_within_a_50ms_downtime_limit() {
     assert_eq!(wait_status(&dst, &["completed"], T)["status"], "completed");
 }
 
-/// A destination that takes the stream (answers `Ready`) and records every
-/// frame up to `Complete`, then hangs up without `Resumed`: the source must
+/// A destination that takes the stream (answers `Ready`, and `Received`
+/// after each round) and records every frame up to `Complete`, then hangs up without `Resumed`: the source must
 /// take its VM back.
 fn record_and_drop(listener: &UnixListener) -> Vec<Frame<'static>> {
     let (mut s, _) = listener.accept().unwrap();
@@ -356,6 +356,10 @@ fn record_and_drop(listener: &UnixListener) -> Vec<Frame<'static>> {
     let mut frames = vec![hello];
     loop {
         let f = protocol::recv(&mut s).expect("a frame");
+        if let Frame::RoundEnd { round } = f {
+            // The source waits for this before its next round.
+            protocol::send(&mut s, &Frame::Received { round }).unwrap();
+        }
         let done = matches!(f, Frame::Complete);
         frames.push(f);
         if done {

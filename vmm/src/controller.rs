@@ -144,7 +144,16 @@ impl Controller {
     fn state_name(&self) -> &'static str {
         match &self.vmm {
             None if matches!(self.job, Some(Job::Sending(_))) => "Migrating",
-            None if matches!(self.job, Some(Job::Receiving(..))) => "Receiving",
+            // A failed receive says so in its status a moment before its
+            // thread hands the job back: no VM either way.
+            None if matches!(self.job, Some(Job::Receiving(..)))
+                && !self
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| matches!(m.status().status, "failed" | "cancelled")) =>
+            {
+                "Receiving"
+            }
             None => "Not started",
             Some(v) if v.is_paused() => "Paused",
             Some(_) => "Running",

@@ -6,6 +6,7 @@
 //! See `docs/migration.md`.
 
 pub mod dirty_rate;
+mod pages;
 pub mod protocol;
 mod receive;
 mod send;
@@ -117,6 +118,18 @@ impl MigrationShared {
     fn set_stream(&self, s: Option<Stream>) {
         *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
+}
+
+/// CPU time this thread has used, for the debug log (where a migration's
+/// time goes on a busy host).
+pub(crate) fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// A migration's shared state.

@@ -2,9 +2,10 @@
 //! started or connected) around fresh memory — or the source's own memfd
 //! on the same host — take the pages and the state, and resume.
 
-use std::os::unix::fs::FileExt;
+use std::io::BufReader;
 use std::time::Instant;
 
+use super::pages::{check_runs, start_receiver, PageReceiver};
 use super::protocol::{self, Frame, PROTOCOL_VERSION};
 use super::send::guest_cpu_features;
 use super::stream::{ListenSocket, MigrationUrl, Stream};
@@ -171,6 +172,7 @@ fn run(
     // without it (a later snapshot or migration turns it on).
     config.machine_config.track_dirty_pages = false;
 
+    let huge = config.machine_config.huge_pages == crate::config::HugePages::Huge2M;
     let ram = if local {
         protocol::send(&mut stream, &Frame::Ready)?;
         let file = stream.recv_fd()?;
@@ -190,52 +192,35 @@ fn run(
         Err(e) => return Err(refuse(&mut stream, e.to_string())),
     };
     protocol::send(&mut stream, &Frame::Ready)?;
+    log::debug!(
+        "incoming migration: VM built, Ready {:.1} ms after Hello",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     shared.update(|s| s.status = "active");
 
-    let mut state: Option<SnapshotState> = None;
-    loop {
-        if shared.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        match protocol::recv(&mut stream)? {
-            Frame::Pages { offset, data, .. } => {
-                let end = offset.checked_add(data.len() as u64);
-                if local || end.is_none_or(|e| e > mem_size) {
-                    return Err(protocol::ProtocolError::Unexpected {
-                        expected: "pages inside guest memory",
-                        got: format!("{} bytes at {offset:#x}", data.len()),
-                    }
-                    .into());
-                }
-                platform
-                    .ram()
-                    .file
-                    .write_all_at(&data, offset)
-                    .map_err(|err| MigrationError::Os {
-                        what: "writing guest memory",
-                        err,
-                    })?;
-                let n = data.len() as u64;
-                shared.update(|s| s.bytes_sent += n);
-            }
-            Frame::RoundEnd { round } => shared.update(|s| s.round = round),
-            Frame::State { body, .. } => {
-                let s: SnapshotState = serde_json::from_slice(&body).map_err(|e| {
-                    MigrationError::Incompatible(format!("the source's state does not parse: {e}"))
-                })?;
-                state = Some(s);
-            }
-            Frame::Complete => break,
-            Frame::Failed { reason } => return Err(MigrationError::Refused(reason)),
-            other => {
-                return Err(protocol::ProtocolError::Unexpected {
-                    expected: "Pages, State or Complete",
-                    got: protocol::name(&other),
-                }
-                .into())
-            }
-        }
-    }
+    // Frame headers are small reads: buffer them (page data bypasses the
+    // buffer, being read in pieces larger than it).
+    let mut rx = BufReader::with_capacity(64 << 10, stream.try_clone()?);
+    let ram = platform.ram();
+    let state = if local {
+        // The memory came as the source's own memfd: no pages, no writer.
+        take_stream(&mut rx, &mut stream, None, shared, mem_size)?
+    } else {
+        std::thread::scope(|scope| {
+            let (mut sink, writer) = start_receiver(scope, ram, huge)?;
+            let read = take_stream(&mut rx, &mut stream, Some(&mut sink), shared, mem_size);
+            // Every page is in memory once the writer is done.
+            sink.close();
+            let written = writer.join().unwrap_or_else(|_| {
+                Err(MigrationError::Os {
+                    what: "writing guest memory",
+                    err: std::io::Error::other("the page writer thread panicked"),
+                })
+            });
+            // The writer's failure is what stopped the reader, if both failed.
+            written.and(read)
+        })?
+    };
     let Some(state) = state else {
         return Err(protocol::ProtocolError::Unexpected {
             expected: "State before Complete",
@@ -243,6 +228,13 @@ fn run(
         }
         .into());
     };
+    let finishing = Instant::now();
+    log::debug!(
+        "incoming migration: {} KiB of pages, stream done {:.1} ms after Hello, thread CPU {:.0} ms",
+        shared.status().bytes_sent >> 10,
+        started.elapsed().as_secs_f64() * 1e3,
+        super::thread_cpu().as_secs_f64() * 1e3
+    );
     shared.update(|s| s.status = "completing");
     let mut vmm = match platform.finish(&state, true, started) {
         Ok(v) => v,
@@ -258,9 +250,64 @@ fn run(
     };
     vmm.resume();
     protocol::send(&mut stream, &Frame::Resumed)?;
+    log::debug!(
+        "incoming migration: state restored and resumed in {:.2} ms",
+        finishing.elapsed().as_secs_f64() * 1e3
+    );
     log::info!(
         "incoming migration done in {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
     Ok(vmm)
+}
+
+/// Reads frames up to `Complete`: pages go to `sink` (none for a local
+/// migration, which takes no pages), each `RoundEnd` is answered on
+/// `stream`. Returns the state that came.
+fn take_stream(
+    rx: &mut impl std::io::Read,
+    stream: &mut Stream,
+    mut sink: Option<&mut PageReceiver>,
+    shared: &SharedMigration,
+    mem_size: u64,
+) -> Result<Option<SnapshotState>, MigrationError> {
+    let mut state = None;
+    loop {
+        if shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match protocol::recv_head(rx)? {
+            Frame::Pages { runs, .. } => {
+                let Some(sink) = sink.as_deref_mut() else {
+                    return Err(protocol::ProtocolError::Unexpected {
+                        expected: "no pages (local migration)",
+                        got: "Pages".into(),
+                    }
+                    .into());
+                };
+                check_runs(&runs, mem_size)?;
+                let n = sink.batch(rx, &runs)?;
+                shared.update(|s| s.bytes_sent += n);
+            }
+            Frame::RoundEnd { round } => {
+                shared.update(|s| s.round = round);
+                protocol::send(stream, &Frame::Received { round })?;
+            }
+            Frame::State { body, .. } => {
+                let s: SnapshotState = serde_json::from_slice(&body).map_err(|e| {
+                    MigrationError::Incompatible(format!("the source's state does not parse: {e}"))
+                })?;
+                state = Some(s);
+            }
+            Frame::Complete => return Ok(state),
+            Frame::Failed { reason } => return Err(MigrationError::Refused(reason)),
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "Pages, State or Complete",
+                    got: protocol::name(&other),
+                }
+                .into())
+            }
+        }
+    }
 }

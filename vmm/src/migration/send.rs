@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::protocol::{self, Frame, MAX_BATCH};
+use super::pages::{Kind, PageSender};
+use super::protocol::{self, Frame};
 use super::stream::{MigrationUrl, Stream};
 use super::tracking::count;
 use super::{MigrationError, SharedMigration};
@@ -102,89 +103,71 @@ pub(crate) fn guest_cpu_features(config: &crate::config::VmConfig) -> Result<Vec
     )))
 }
 
-/// Sends pages to the destination, at most `rate` bytes/s.
-struct Pacer<'a> {
-    stream: &'a mut Stream,
-    shared: &'a SharedMigration,
-    rate: Option<f64>,
-    started: Instant,
-    sent: u64,
-    /// A copy of the run being sent: the guest may write the pages while
-    /// they go out, and the CRC must cover the very bytes sent.
-    buf: Vec<u8>,
-}
-
-impl Pacer<'_> {
-    fn send_run(&mut self, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
-        if self.shared.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        for (i, chunk) in data.chunks(MAX_BATCH).enumerate() {
-            let at = offset + (i * MAX_BATCH) as u64;
-            self.buf.clear();
-            self.buf.extend_from_slice(chunk);
-            protocol::send(self.stream, &protocol::pages(at, &self.buf))?;
-            self.sent += chunk.len() as u64;
-            if let Some(rate) = self.rate {
-                let due = Duration::from_secs_f64(self.sent as f64 / rate);
-                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-        }
-        let sent = data.len() as u64;
-        self.shared.update(|s| s.bytes_sent += sent);
-        Ok(())
-    }
-}
-
 /// Sends a round: every data page (round 0, zero pages skipped since the
-/// destination's memory starts zeroed), or the pages set in `dirty`.
-/// Returns bytes sent.
-fn send_round(
+/// destination's memory starts zeroed), or the pages set in `dirty` (zero
+/// ones as zero runs, without their bytes). Returns data bytes sent.
+fn send_round<W: Write>(
     vmm: &Vmm,
-    pacer: &mut Pacer,
+    tx: &mut PageSender<W>,
     dirty: Option<&[Vec<u64>]>,
 ) -> Result<u64, MigrationError> {
-    let before = pacer.sent;
+    let before = tx.sent;
     let regions = regions(&vmm.ram).map_err(|e| MigrationError::Os {
         what: "guest memory",
         err: std::io::Error::other(e.to_string()),
     })?;
     for (ri, region) in regions.iter().enumerate() {
-        let bit = |p: u64| match dirty {
-            None => true,
-            Some(b) => b
-                .get(ri)
-                .and_then(|m| m.get((p / 64) as usize))
-                .is_some_and(|w| w >> (p % 64) & 1 == 1),
+        let pages = region.bytes.len() as u64 / PAGE;
+        let mut one = |p: u64| -> Result<(), MigrationError> {
+            // The guest may be writing this page right now: a torn copy is
+            // fine, the page is dirty again and goes in a later round.
+            let page = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+            let kind = if is_zero(page) {
+                if dirty.is_none() {
+                    return Ok(());
+                }
+                Kind::Zero
+            } else {
+                Kind::Data
+            };
+            // SAFETY: the page is guest RAM, mapped while the VM lives.
+            unsafe {
+                tx.add(
+                    region.file_offset + p * PAGE,
+                    page.as_ptr(),
+                    PAGE as usize,
+                    kind,
+                )
+            }
         };
-        for (first, end) in data_pages(&vmm.ram, region) {
-            let mut p = first;
-            while p < end {
-                // The guest may be writing this page right now: a torn copy
-                // is fine, the page is dirty again and goes in a later round.
-                let page = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
-                let keep = bit(p) && (dirty.is_some() || !is_zero(page));
-                if !keep {
-                    p += 1;
-                    continue;
-                }
-                let start = p;
-                p += 1;
-                while p < end && (p - start) * PAGE < MAX_BATCH as u64 && bit(p) {
-                    let pg = &region.bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
-                    if dirty.is_none() && is_zero(pg) {
-                        break;
+        match dirty {
+            None => {
+                for (first, end) in data_pages(&vmm.ram, region) {
+                    for p in first..end {
+                        one(p)?;
                     }
-                    p += 1;
                 }
-                let bytes = &region.bytes[(start * PAGE) as usize..(p * PAGE) as usize];
-                pacer.send_run(region.file_offset + start * PAGE, bytes)?;
+            }
+            Some(bitmaps) => {
+                let Some(bitmap) = bitmaps.get(ri) else {
+                    continue;
+                };
+                // Word by word: most words of a large guest are clear.
+                for (wi, &word) in bitmap.iter().enumerate() {
+                    let mut w = word;
+                    while w != 0 {
+                        let p = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                        w &= w - 1;
+                        if p < pages {
+                            one(p)?;
+                        }
+                    }
+                }
             }
         }
     }
-    Ok(pacer.sent - before)
+    tx.flush()?;
+    Ok(tx.sent - before)
 }
 
 /// Holds the vCPUs back for `percent` of every 10 ms while asked to.
@@ -216,6 +199,27 @@ fn expect_ready(stream: &mut Stream) -> Result<(), MigrationError> {
             got: protocol::name(&other),
         }
         .into()),
+    }
+}
+
+/// Waits for the destination's `Received { round }` (earlier rounds'
+/// answers may come first).
+fn wait_received(stream: &mut Stream, round: u32) -> Result<(), MigrationError> {
+    loop {
+        match protocol::recv(stream)? {
+            Frame::Received { round: r } if r == round => return Ok(()),
+            Frame::Received { round: r } if r < round => {}
+            Frame::Refused { reason } | Frame::Failed { reason } => {
+                return Err(MigrationError::Refused(reason))
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "Received",
+                    got: protocol::name(&other),
+                }
+                .into())
+            }
+        }
     }
 }
 
@@ -318,7 +322,21 @@ fn run(
             local: params.local,
         },
     )?;
+    let hello_sent = started.elapsed();
+    if !params.local {
+        // Switching the memory slots to dirty logging waits for the host
+        // kernel (milliseconds per slot): do it while the destination
+        // builds its VM.
+        vmm.start_tracking()?;
+    }
+    let tracking = started.elapsed();
     expect_ready(&mut stream)?;
+    log::debug!(
+        "migration setup: Hello sent at {:.1} ms, dirty logging on at {:.1} ms, Ready at {:.1} ms",
+        hello_sent.as_secs_f64() * 1e3,
+        tracking.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     if params.local {
         // Same host: the destination maps this very memory; nothing to copy.
@@ -336,13 +354,14 @@ fn run(
     finish(vmm, shared, &mut stream, params, started)
 }
 
+/// Pre-copy rounds (dirty logging already on) until what is dirty fits the
+/// downtime limit.
 fn precopy(
     vmm: &mut Vmm,
     params: &SendParams,
     shared: &SharedMigration,
     stream: &mut Stream,
 ) -> Result<(), MigrationError> {
-    vmm.start_tracking()?;
     shared.update(|s| s.status = "active");
     let rate = params
         .max_bandwidth_mbps
@@ -357,21 +376,15 @@ fn precopy(
             scope.spawn(|| throttle_loop(vmm_ref, &throttle, &done));
         }
         let result = (|| {
-            let mut pacer = Pacer {
-                stream,
-                shared,
-                rate,
-                started: Instant::now(),
-                sent: 0,
-                buf: Vec::new(),
-            };
+            let mut pacer = PageSender::new(stream, shared, rate);
             let mut round = 0u32;
             let mut dirty: Option<Vec<Vec<u64>>> = None;
             let mut last_dirty_bytes = u64::MAX;
             loop {
                 let t = Instant::now();
                 let sent = send_round(vmm_ref, &mut pacer, dirty.as_deref())?;
-                protocol::send(pacer.stream, &Frame::RoundEnd { round })?;
+                pacer.frame(&Frame::RoundEnd { round })?;
+                wait_received(pacer.out(), round)?;
                 let took = t.elapsed().as_secs_f64().max(1e-6);
                 let bandwidth = (sent as f64 / took).max(1e6);
                 let next = vmm_ref.take_dirty()?;
@@ -386,11 +399,14 @@ fn precopy(
                     s.throttle_percent = throttle.load(Ordering::SeqCst);
                 });
                 log::debug!(
-                    "migration round {round}: sent {} KiB in {:.1} ms, {} KiB dirty, expected downtime {:?}",
+                    "migration round {round}: sent {} KiB in {:.1} ms ({:.2} GB/s), dirty log read in {:.1} ms, {} KiB dirty, expected downtime {:?}, thread CPU {:.0} ms",
                     sent >> 10,
                     took * 1e3,
+                    sent as f64 / took / 1e9,
+                    (t.elapsed().as_secs_f64() - took) * 1e3,
                     dirty_bytes >> 10,
-                    expected
+                    expected,
+                    super::thread_cpu().as_secs_f64() * 1e3
                 );
                 dirty = Some(next);
                 round += 1;
@@ -435,27 +451,26 @@ fn finish(
     vmm.pause()?;
     let paused_at = Instant::now();
     let virtio = vmm.stop_devices()?;
+    // Where the pause goes, for the debug log.
+    let mut marks: Vec<(&str, Instant)> = vec![("devices stopped", Instant::now())];
     let result = (|| {
         if !params.local {
             let mut dirty = vmm.take_dirty()?;
             if let Some(earlier) = vmm.pending_dirty.take() {
                 crate::vhost_user::dirty_log::merge_bitmaps(&mut dirty, &earlier);
             }
-            let mut pacer = Pacer {
-                stream: &mut *stream,
-                shared,
-                rate: None,
-                started: Instant::now(),
-                sent: 0,
-                buf: Vec::new(),
-            };
-            send_round(vmm, &mut pacer, Some(&dirty))?;
+            marks.push(("dirty log read", Instant::now()));
+            let mut pacer = PageSender::new(&mut *stream, shared, None);
+            let sent = send_round(vmm, &mut pacer, Some(&dirty))?;
+            log::debug!("migration: {} KiB in the final copy", sent >> 10);
+            marks.push(("last pages sent", Instant::now()));
         }
         let state = vmm.capture_state(SnapshotKind::Full, &virtio)?;
         let body = serde_json::to_vec(&state).map_err(|e| MigrationError::Os {
             what: "encoding the state",
             err: std::io::Error::other(e),
         })?;
+        marks.push(("state captured", Instant::now()));
         protocol::send(
             stream,
             &Frame::State {
@@ -465,8 +480,22 @@ fn finish(
         )?;
         protocol::send(stream, &Frame::Complete)?;
         stream.flush().map_err(protocol::ProtocolError::Io)?;
+        marks.push(("state sent", Instant::now()));
         match protocol::recv(stream)? {
-            Frame::Resumed => Ok(paused_at.elapsed()),
+            Frame::Resumed => {
+                marks.push(("resumed there", Instant::now()));
+                let mut at = paused_at;
+                let steps: Vec<String> = marks
+                    .iter()
+                    .map(|(what, t)| {
+                        let d = t.duration_since(at);
+                        at = *t;
+                        format!("{what} +{:.2} ms", d.as_secs_f64() * 1e3)
+                    })
+                    .collect();
+                log::debug!("migration downtime: paused, {}", steps.join(", "));
+                Ok(paused_at.elapsed())
+            }
             Frame::Failed { reason } | Frame::Refused { reason } => {
                 Err(MigrationError::Refused(reason))
             }
