@@ -301,6 +301,14 @@ fn run(
             "local: true needs a unix: URL".into(),
         ));
     }
+    // A lazily restored VM's memory is whole only once its fill is done:
+    // pages not yet filled would be sent as holes, or missing in the memfd
+    // a local destination maps.
+    if !vmm.ram.wait_filled() {
+        return Err(MigrationError::Incompatible(
+            "the VM's memory could not be restored from its snapshot".into(),
+        ));
+    }
     let mut stream = Stream::connect(&url)?;
     shared.set_stream(Some(stream.try_clone()?));
     if shared.cancelled() {
