@@ -29,6 +29,37 @@ fn pause_and_snapshot(vm: &Vm, kind: &str, state: &Path, mem: &Path) -> Beat {
     last
 }
 
+/// A guest of `mib` MiB with a managed raw disk it writes every beat
+/// (snapblk=1) and a `pattern_mib` MiB memory pattern, paused and
+/// snapshotted (Full) into `state`/`mem` after three beats. Returns the
+/// still-running tern, the disk, the pattern's checksum and the last beat.
+fn disk_guest_snapshot(
+    dir: &Scratch,
+    mib: u64,
+    pattern_mib: u64,
+    state: &Path,
+    mem: &Path,
+) -> (Vm, std::path::PathBuf, u64, Beat) {
+    let disk = dir.path("disk.raw");
+    raw_disk(&disk);
+    let drive = serde_json::json!({
+        "drive_id": "disk0", "path_on_host": disk, "is_root_device": false, "is_read_only": false
+    });
+    let vm = boot(
+        dir,
+        "orig",
+        None,
+        machine(mib),
+        &[("/drives/disk0", drive)],
+        &format!("action=heartbeat period=50 snapblk=1 mempattern={pattern_mib}"),
+    );
+    let sum = pattern_sum(&vm);
+    vm.wait_line("SNAPBLK 00:", T);
+    vm.wait_beat(3, T);
+    let last = pause_and_snapshot(&vm, "Full", state, mem);
+    (vm, disk, sum, last)
+}
+
 fn restore_cli(state: &Path, mem: &Path, extra: &[&str]) -> Vm {
     let arg = format!("{},{}", state.display(), mem.display());
     let mut args = vec!["--restore", &arg];
@@ -148,24 +179,8 @@ fn heartbeat_and_64mib_pattern_continue_in_a_new_process() {
 #[test]
 fn vhost_user_disk_reads_the_pattern_and_new_writes_land_after_restore() {
     let dir = Scratch::new("snap-blk");
-    let disk = dir.path("disk.raw");
-    raw_disk(&disk);
     let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
-    let drive = serde_json::json!({
-        "drive_id": "disk0", "path_on_host": disk, "is_root_device": false, "is_read_only": false
-    });
-    let mut vm = boot(
-        &dir,
-        "orig",
-        None,
-        machine(64),
-        &[("/drives/disk0", drive)],
-        "action=heartbeat period=50 snapblk=1 mempattern=8",
-    );
-    let sum = pattern_sum(&vm);
-    vm.wait_line("SNAPBLK 00:", T);
-    vm.wait_beat(3, T);
-    let last = pause_and_snapshot(&vm, "Full", &state, &mem);
+    let (mut vm, disk, sum, last) = disk_guest_snapshot(&dir, 64, 8, &state, &mem);
     let before = snapblk_beats(&vm);
     assert!(!before.is_empty(), "{}", vm.output());
     vm.kill();
@@ -195,25 +210,9 @@ fn vhost_user_disk_reads_the_pattern_and_new_writes_land_after_restore() {
 #[test]
 fn a_snapshot_taken_while_a_lazy_restore_fills_memory_restores_whole() {
     let dir = Scratch::new("snap-lazy");
-    let disk = dir.path("disk.raw");
-    raw_disk(&disk);
     let (state, mem) = (dir.path("a.state"), dir.path("a.mem"));
     let (state2, mem2) = (dir.path("b.state"), dir.path("b.mem"));
-    let drive = serde_json::json!({
-        "drive_id": "disk0", "path_on_host": disk, "is_root_device": false, "is_read_only": false
-    });
-    let mut vm = boot(
-        &dir,
-        "orig",
-        None,
-        machine(256),
-        &[("/drives/disk0", drive)],
-        "action=heartbeat period=50 snapblk=1 mempattern=64",
-    );
-    let sum = pattern_sum(&vm);
-    vm.wait_line("SNAPBLK 00:", T);
-    vm.wait_beat(3, T);
-    let last = pause_and_snapshot(&vm, "Full", &state, &mem);
+    let (mut vm, disk, sum, last) = disk_guest_snapshot(&dir, 256, 64, &state, &mem);
     vm.kill();
 
     // Load, then at once pause and snapshot again: the fill of the first
