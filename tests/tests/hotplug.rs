@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::heartbeat::{boot, machine, T};
-use common::vm::{Scratch, Vm};
+use common::vm::{raw_image, Scratch, Vm};
 use serde_json::{json, Value};
 
 fn devices(vm: &Vm) -> Vec<Value> {
@@ -25,11 +25,6 @@ fn device(vm: &Vm, id: &str) -> Option<Value> {
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
-
-fn raw(path: &Path, mib: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(mib << 20).unwrap();
 }
 
 /// Waits for the guest's `HOTPLUG up slot=N ...` line for `slot`.
@@ -58,7 +53,7 @@ fn slot_of(d: &Value) -> u64 {
 fn disk_plugged_and_unplugged_is_seen_by_the_guest_and_freed() {
     let dir = Scratch::new("hp-disk");
     let img = dir.path("hot.raw");
-    raw(&img, 8);
+    raw_image(&img, 8);
     let vm = boot(
         &dir,
         "vm",
@@ -136,7 +131,7 @@ fn disk_plugged_and_unplugged_is_seen_by_the_guest_and_freed() {
 fn refusals_are_exact_and_change_nothing() {
     let dir = Scratch::new("hp-refuse");
     let root = dir.path("root.raw");
-    raw(&root, 8);
+    raw_image(&root, 8);
     let vm = boot(
         &dir,
         "vm",
@@ -192,7 +187,7 @@ fn refusals_are_exact_and_change_nothing() {
 fn twenty_plug_unplug_cycles_leak_nothing() {
     let dir = Scratch::new("hp-cycles");
     let img = dir.path("cycle.raw");
-    raw(&img, 4);
+    raw_image(&img, 4);
     let vm = boot(
         &dir,
         "vm",
@@ -250,10 +245,7 @@ fn twenty_plug_unplug_cycles_leak_nothing() {
 #[test]
 fn snapshot_after_hot_plug_keeps_devices_at_their_addresses() {
     let dir = Scratch::new("hp-snap");
-    let imgs: Vec<_> = (0..3).map(|i| dir.path(&format!("d{i}.raw"))).collect();
-    for i in &imgs {
-        raw(i, 4);
-    }
+    let imgs = dir.raw_images("d", 3, 4);
     let vm = boot(
         &dir,
         "vm",
@@ -352,7 +344,7 @@ fn plugged_devices_are_plugging_until_the_guest_enables_them() {
     let dir = Scratch::new("hp-plugging");
     let (img, lun0, lun1) = (dir.path("hot.raw"), dir.path("l0.raw"), dir.path("l1.raw"));
     for i in [&img, &lun0, &lun1] {
-        raw(i, 4);
+        raw_image(i, 4);
     }
     let vm = boot(
         &dir,
@@ -467,7 +459,7 @@ fn migration_after_hot_plug_keeps_addresses_and_the_plugged_disk() {
         .map(|n| dir.path(&format!("{n}.raw")))
         .collect();
     for i in &imgs {
-        raw(i, 4);
+        raw_image(i, 4);
     }
     let mut src = boot(
         &dir,

@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use common::heartbeat::{boot, machine, T};
 use common::tern_bin;
-use common::vm::{Scratch, Vm};
+use common::vm::{raw_image, Scratch, Vm};
 use serde_json::{json, Value};
 
 fn devices(vm: &Vm) -> Vec<Value> {
@@ -44,11 +44,6 @@ fn luns(vm: &Vm) -> Vec<(String, u64, String)> {
             )
         })
         .collect()
-}
-
-fn raw(path: &Path, mib: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(mib << 20).unwrap();
 }
 
 fn scsi(path: &Path) -> Value {
@@ -88,10 +83,7 @@ fn assert_pattern(img: &Path, lun: u64) {
 #[test]
 fn lun_added_at_run_time_is_scanned_written_and_removed() {
     let dir = Scratch::new("shp-add");
-    let imgs: Vec<PathBuf> = (0..4).map(|i| dir.path(&format!("l{i}.raw"))).collect();
-    for i in &imgs {
-        raw(i, 4);
-    }
+    let imgs = dir.raw_images("l", 4, 4);
     let vm = boot(
         &dir,
         "vm",
@@ -170,10 +162,7 @@ fn lun_added_at_run_time_is_scanned_written_and_removed() {
 #[test]
 fn snapshot_after_lun_changes_keeps_lun_numbers() {
     let dir = Scratch::new("shp-snap");
-    let imgs: Vec<PathBuf> = (0..3).map(|i| dir.path(&format!("l{i}.raw"))).collect();
-    for i in &imgs {
-        raw(i, 4);
-    }
+    let imgs = dir.raw_images("l", 3, 4);
     let vm = boot(
         &dir,
         "vm",
@@ -219,7 +208,7 @@ fn snapshot_after_lun_changes_keeps_lun_numbers() {
     // The restored tern-scsi serves LUN 2 from s2's image: a LUN added now
     // takes the free number 1.
     let img = dir.path("l3.raw");
-    raw(&img, 4);
+    raw_image(&img, 4);
     restored.expect("PUT", "/drives/s3", Some(&scsi(&img).to_string()), 204);
     wait_line_eq(&restored, "scsi: report luns: 0 1 2");
     wait_line_eq(
@@ -266,7 +255,7 @@ fn external_scsi(sock: &Path, img: &Path) -> Killed {
 fn lun_refusals_are_exact_and_change_nothing() {
     let dir = Scratch::new("shp-refuse");
     let img = dir.path("a.raw");
-    raw(&img, 4);
+    raw_image(&img, 4);
     let says = |vm: &Vm, method: &str, path: &str, body: Option<Value>, what: &str| {
         let before = devices(vm);
         let msg = vm.refused(method, path, body.map(|b| b.to_string()).as_deref());
@@ -364,7 +353,7 @@ fn lun_refusals_are_exact_and_change_nothing() {
 
     // Every LUN in use.
     let shared = dir.path("shared.raw");
-    raw(&shared, 1);
+    raw_image(&shared, 1);
     let full: Vec<(String, Value)> = (0..256)
         .map(|i| {
             (
@@ -402,7 +391,7 @@ fn lun_refusals_are_exact_and_change_nothing() {
     );
     wait_line_eq(&vm, "scsi: report luns: 0");
     let other = dir.path("b.raw");
-    raw(&other, 4);
+    raw_image(&other, 4);
     says(
         &vm,
         "PUT",
@@ -429,8 +418,8 @@ fn linux_attaches_a_hot_added_lun_and_lets_a_removed_one_go() {
     let initrd = common::uncompressed_initramfs(&kit);
     let dir = Scratch::new("shp-linux");
     let (l0, l1) = (dir.path("l0.raw"), dir.path("l1.raw"));
-    raw(&l0, 4);
-    raw(&l1, 8);
+    raw_image(&l0, 4);
+    raw_image(&l1, 8);
     let drive = format!("path={},id=s0,interface=virtio-scsi", l0.display());
     let vm = Vm::start(
         Some(&dir.path("api.sock")),

@@ -16,7 +16,24 @@ use super::{require_kvm, tern_bin};
 /// A scratch directory under the temp dir, removed on drop.
 pub struct Scratch(pub PathBuf);
 
+/// An empty (sparse) raw image of `mib` MiB at `path`.
+pub fn raw_image(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+}
+
 impl Scratch {
+    /// `n` empty raw images of `mib` MiB, `<prefix>0.raw` and on.
+    pub fn raw_images(&self, prefix: &str, n: usize, mib: u64) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let p = self.path(&format!("{prefix}{i}.raw"));
+                raw_image(&p, mib);
+                p
+            })
+            .collect()
+    }
+
     /// `<tmp>/tern-<tag>-<pid>`, empty.
     pub fn new(tag: &str) -> Self {
         Self::under(&std::env::temp_dir(), tag)
