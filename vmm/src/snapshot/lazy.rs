@@ -73,11 +73,6 @@ impl FillGate {
         }
     }
 
-    /// Whether memory holds all of the snapshot's data.
-    pub fn is_done(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).done
-    }
-
     /// Blocks until the fill is complete (true) or has failed (false).
     pub fn wait(&self) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -234,12 +234,9 @@ impl Platform {
             )));
         }
         let (machine, virtio, vcpus) = (&built.0, &built.1, &built.2);
-        // Backends wait for a lazy fill to complete before their rings run.
-        let gate = ram
-            .filler
-            .as_ref()
-            .map(|f| f.gate())
-            .filter(|g| !g.is_done());
+        // Backends wait for a lazy fill to complete before their rings run
+        // (it begins only once the vCPUs do, so it is never done yet here).
+        let gate = ram.filler.as_ref().map(|f| f.gate());
         state::restore_vm(&vm_fd, &state.vm)?;
         for (v, s) in vcpus.iter().zip(&state.vcpus) {
             state::restore_vcpu(&vcpu::lock_fd(v.fd()), s)?;
