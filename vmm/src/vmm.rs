@@ -657,6 +657,16 @@ fn build_scsi(
     Ok(entry)
 }
 
+/// The virtio-blk queues of drive `d`: a managed backend serves what the
+/// drive asks (default 1); an external one says itself how many it has.
+fn blk_queues(d: &DriveConfig) -> usize {
+    match (&d.socket, d.num_queues) {
+        (_, Some(n)) => usize::from(n),
+        (Some(_), None) => usize::from(crate::config::MAX_DRIVE_QUEUES),
+        (None, None) => 1,
+    }
+}
+
 /// tern-blk's arguments for drive `d` (its image at `path`).
 fn blk_backend_args(d: &DriveConfig, path: &std::path::Path, queues: usize) -> Vec<String> {
     let mut args = vec![
@@ -708,7 +718,7 @@ pub(crate) fn prelaunch_backends(config: &VmConfig) {
         .filter(|d| d.interface != crate::config::DriveInterface::VirtioScsi)
     {
         if let (None, Some(path)) = (&d.socket, &d.path_on_host) {
-            let queues = d.num_queues.map(usize::from).unwrap_or(1);
+            let queues = blk_queues(d);
             BackendProcess::prelaunch(
                 &backend_binary("tern-blk"),
                 &d.drive_id,
@@ -735,13 +745,7 @@ pub(crate) fn blk_function(
     slot: u8,
     env: &PciEnv,
 ) -> Result<(VhostUserDevice, Option<u32>), VmmError> {
-    // A managed backend serves what the drive asks (default 1); an
-    // external one says itself how many queues it has.
-    let queues = match (&d.socket, d.num_queues) {
-        (_, Some(n)) => usize::from(n),
-        (Some(_), None) => usize::from(crate::config::MAX_DRIVE_QUEUES),
-        (None, None) => 1,
-    };
+    let queues = blk_queues(d);
     let (socket, process) = match (&d.socket, &d.path_on_host) {
         (Some(s), _) => (s.clone(), None),
         (None, Some(path)) => {
