@@ -20,6 +20,7 @@ pub mod memory;
 pub mod migration;
 pub mod scsi_luns;
 pub mod snapshot;
+pub mod spare_thread;
 pub mod terminal;
 pub mod vhost_user;
 pub mod vmm;

@@ -51,6 +51,9 @@ fn run(opts: RunOptions) -> ExitCode {
     if let Err(e) = tern_seccomp::init("tern", opts.seccomp_level) {
         return fail(e, None);
     }
+    // Idle: the VM's configuration comes later, through the API or a
+    // migration stream.
+    tern::kvm::warm::prepare(!opts.boot_now && opts.restore.is_none());
     let api = match &opts.api_sock {
         Some(path) => match server::bind(path).and_then(|l| server::start(l, path)) {
             Ok((srv, inbox)) => {

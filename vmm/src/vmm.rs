@@ -288,13 +288,6 @@ impl Vmm {
             SerialOutput::Stdout => RawTerminal::enter(),
             _ => None,
         };
-        let serial = machine.serial.clone();
-        let _ = std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                tern_seccomp::enter_or_exit("vmm");
-                forward_stdin(serial)
-            });
         let vcpu_fds = vcpus.iter().map(|v| v.fd().clone()).collect();
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
         for v in vcpus {
@@ -304,6 +297,10 @@ impl Vmm {
             // Returns once every vCPU has parked before its first run.
             control.pause(&vcpu_threads)?;
         }
+        // Threads started after the vCPUs, whose first run (a restore's
+        // time to running) should not wait for their start-up.
+        let serial = machine.serial.clone();
+        let _ = crate::spare_thread::spawn("stdin", "vmm", move || forward_stdin(serial));
         let watched = spawn_reconnector(&virtio);
         let boot_duration = started.elapsed();
         log::debug!("VM built and started in {boot_duration:?}");
@@ -454,27 +451,24 @@ fn spawn_reconnector(virtio: &[VirtioEntry]) -> Watched {
         virtio.iter().map(|v| Arc::downgrade(&v.device)).collect(),
     ));
     let list = Arc::downgrade(&watched);
-    let _ = std::thread::Builder::new()
-        .name("vhost-reconnect".into())
-        .spawn(move || loop {
-            tern_seccomp::enter_once("vmm");
-            std::thread::sleep(RECONNECT_INTERVAL);
-            // The VM is gone: so is the list.
-            let Some(list) = list.upgrade() else { return };
-            let devices: Vec<_> = {
-                let mut l = lock(&list);
-                // Unplugged devices drop out.
-                l.retain(|d| d.strong_count() > 0);
-                l.iter().filter_map(|d| d.upgrade()).collect()
-            };
-            drop(list);
-            for d in devices {
-                let mut dev = lock(&d);
-                if dev.state() == "disconnected" {
-                    dev.try_reconnect();
-                }
+    let _ = crate::spare_thread::spawn("vhost-reconnect", "vmm", move || loop {
+        std::thread::sleep(RECONNECT_INTERVAL);
+        // The VM is gone: so is the list.
+        let Some(list) = list.upgrade() else { return };
+        let devices: Vec<_> = {
+            let mut l = lock(&list);
+            // Unplugged devices drop out.
+            l.retain(|d| d.strong_count() > 0);
+            l.iter().filter_map(|d| d.upgrade()).collect()
+        };
+        drop(list);
+        for d in devices {
+            let mut dev = lock(&d);
+            if dev.state() == "disconnected" {
+                dev.try_reconnect();
             }
-        });
+        }
+    });
     watched
 }
 
@@ -712,6 +706,8 @@ fn net_backend_args(n: &crate::config::NetConfig, tap: &str, pairs: usize) -> Ve
 /// waiting, so they come up while the VM is created; building the devices
 /// then takes them (virtio-scsi's single backend is started as before).
 pub(crate) fn prelaunch_backends(config: &VmConfig) {
+    // A build begins: the spare threads stocked so far are what it gets.
+    crate::spare_thread::stop_stocking();
     for d in config
         .drives
         .iter()
@@ -1009,24 +1005,9 @@ pub(crate) fn build_platform(
         router: Arc::new(GsiRouter::new(vm_fd.clone())),
         mem: ram.memory.clone(),
     };
-    let virtio = build_drives(config, &env, &machine)?;
-    // The backends log what they write for diff snapshots and migration.
-    let dirty_log = if mc.track_dirty_pages && !virtio.is_empty() {
-        let log = Arc::new(DirtyLog::new(&ram.memory).map_err(VmmError::DirtyLog)?);
-        for v in &virtio {
-            lock(&v.device)
-                .set_dirty_log(Some(log.clone()))
-                .map_err(|e| VmmError::VirtioPci {
-                    drive: v.id.clone(),
-                    err: crate::devices::virtio::pci::VirtioPciError::Log(e.to_string()),
-                })?;
-        }
-        Some(log)
-    } else {
-        None
-    };
-
-    let base_cpuid = cpuid::supported(kvm)?;
+    // The vCPUs first: a restore's backends are still starting up, and
+    // device building waits for their sockets.
+    let base_cpuid = crate::kvm::warm::supported_cpuid(kvm)?;
     let control = Arc::new(VcpuControl::default());
     let counters = Arc::new(ExitCounters::default());
     let shared = VcpuShared {
@@ -1047,6 +1028,23 @@ pub(crate) fn build_platform(
             shared.clone(),
         )?);
     }
+    let virtio = build_drives(config, &env, &machine)?;
+    // The backends log what they write for diff snapshots and migration.
+    let dirty_log = if mc.track_dirty_pages && !virtio.is_empty() {
+        let log = Arc::new(DirtyLog::new(&ram.memory).map_err(VmmError::DirtyLog)?);
+        for v in &virtio {
+            lock(&v.device)
+                .set_dirty_log(Some(log.clone()))
+                .map_err(|e| VmmError::VirtioPci {
+                    drive: v.id.clone(),
+                    err: crate::devices::virtio::pci::VirtioPciError::Log(e.to_string()),
+                })?;
+        }
+        Some(log)
+    } else {
+        None
+    };
+
     Ok((machine, virtio, vcpus, control, counters, dirty_log, env))
 }
 

@@ -8,3 +8,4 @@ pub mod regs;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+pub mod warm;

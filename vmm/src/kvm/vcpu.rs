@@ -15,6 +15,7 @@ use super::msrs;
 use super::pause::VcpuControl;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSender};
+use crate::spare_thread::SpareThread;
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,8 @@ pub struct Vcpu {
     fd: SharedVcpuFd,
     index: u32,
     shared: VcpuShared,
+    /// Its thread, started with the vCPU and waiting for [`Vcpu::start`].
+    thread: Option<SpareThread>,
 }
 
 /// A vCPU's KVM handle, shared between its thread (which holds the lock only
@@ -178,10 +181,13 @@ impl Vcpu {
             (lvt1 & !0x700) | (APIC_MODE_NMI << 8),
         );
         fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        let thread = SpareThread::get(format!("vcpu{index}"), "vcpu")
+            .map_err(|e| VcpuError::Thread(index, e))?;
         Ok(Self {
             fd: Arc::new(Mutex::new(fd)),
             index,
             shared,
+            thread: Some(thread),
         })
     }
 
@@ -191,15 +197,13 @@ impl Vcpu {
     }
 
     /// Starts the vCPU's thread. It runs until the VM ends.
-    pub fn start(self) -> Result<std::thread::JoinHandle<()>, VcpuError> {
-        let index = self.index;
-        std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                tern_seccomp::enter_or_exit("vcpu");
-                self.run()
-            })
-            .map_err(|e| VcpuError::Thread(index, e))
+    pub fn start(mut self) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+        let thread = match self.thread.take() {
+            Some(t) => t,
+            None => SpareThread::get(format!("vcpu{}", self.index), "vcpu")
+                .map_err(|e| VcpuError::Thread(self.index, e))?,
+        };
+        Ok(thread.run(move || self.run()))
     }
 
     fn fail(&self, message: String) {

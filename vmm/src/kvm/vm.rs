@@ -67,7 +67,10 @@ pub fn create_vm(
     if vcpus as usize > max {
         return Err(VmError::TooManyVcpus { asked: vcpus, max });
     }
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let vm = match super::warm::take_vm() {
+        Some(vm) => vm,
+        None => kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?,
+    };
     register_memory(&vm, mem, log_dirty)?;
     vm.set_tss_address(TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;

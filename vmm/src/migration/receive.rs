@@ -187,6 +187,7 @@ fn run(
         Ok(r) => r,
         Err(e) => return Err(refuse(&mut stream, e.to_string())),
     };
+    crate::spare_thread::stop_stocking();
     let platform = match Platform::build(config, ram, exit) {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut stream, e.to_string())),

@@ -95,7 +95,7 @@ pub(crate) fn cpu_features(cpuid: &kvm_bindings::CpuId) -> Vec<u32> {
 /// from a vCPU, whose lock a running vCPU holds).
 pub(crate) fn guest_cpu_features(config: &crate::config::VmConfig) -> Result<Vec<u32>, String> {
     let kvm = crate::kvm::vm::open_kvm().map_err(|e| e.to_string())?;
-    let base = crate::kvm::cpuid::supported(&kvm).map_err(|e| e.to_string())?;
+    let base = crate::kvm::warm::supported_cpuid(&kvm).map_err(|e| e.to_string())?;
     let template = crate::vmm::cpu_template(config);
     let n = config.machine_config.vcpu_count;
     Ok(cpu_features(&crate::kvm::cpuid::for_vcpu(

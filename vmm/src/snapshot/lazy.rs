@@ -24,10 +24,10 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -42,6 +42,14 @@ const PAGE: u64 = 4096;
 const FAULT_CHUNK: u64 = 64 << 10;
 /// Bytes per background copy, between checks for a stop.
 const FILL_CHUNK: u64 = 2 << 20;
+/// The background copy waits until the vCPUs have gone this long without
+/// a fault: their first run after the restore touches a few scattered
+/// pages, and each such fault waits for a CPU that a copy in progress, or
+/// the scan of a large file for its data, would take (this host's kernel
+/// does not preempt system calls).
+const FILL_QUIET: Duration = Duration::from_millis(2);
+/// ... but no longer than this after the vCPUs start.
+const FILL_DEFER_MAX: Duration = Duration::from_millis(20);
 
 /// Work to run once guest memory holds all of the snapshot's data.
 type Waiter = Box<dyn FnOnce() + Send>;
@@ -152,6 +160,7 @@ impl Drop for Source {
 /// in the memory file.
 #[derive(Clone, Copy)]
 struct Span {
+    gpa: u64,
     host: u64,
     len: u64,
     file_offset: u64,
@@ -163,6 +172,10 @@ struct Shared {
     spans: Vec<Span>,
     stop: AtomicBool,
     stop_evt: EventFd,
+    /// When the fault thread last served a fault, in microseconds since
+    /// `epoch`.
+    last_fault_us: AtomicU64,
+    epoch: Instant,
     /// Set when the background copy may begin.
     go: (Mutex<bool>, std::sync::Condvar),
     gate: Arc<FillGate>,
@@ -187,6 +200,25 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Brings in the [`FAULT_CHUNK`]-aligned chunk holding each of the
+    /// guest-physical addresses `hot`, ahead of the vCPUs' first run.
+    fn prefetch(&self, hot: &[u64]) {
+        for &gpa in hot {
+            let Some(span) = self
+                .spans
+                .iter()
+                .find(|s| (s.gpa..s.gpa + s.len).contains(&gpa))
+            else {
+                continue;
+            };
+            let off = (gpa - span.gpa) & !(FAULT_CHUNK - 1);
+            let len = FAULT_CHUNK.min(span.len - off);
+            if let Err(e) = self.copy_range(span, off, len) {
+                return self.fail("bringing in the vCPUs' first pages", e);
+            }
+        }
     }
 
     /// Brings in the page at `addr` (and up to [`FAULT_CHUNK`] after it).
@@ -244,6 +276,8 @@ impl Shared {
                 continue;
             }
             faults.clear();
+            self.last_fault_us
+                .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
             if let Err(e) = self.uffd.read_faults(&mut faults) {
                 return self.fail("reading page faults", e);
             }
@@ -262,7 +296,24 @@ impl Shared {
         while !*go && !self.stop.load(Ordering::Acquire) {
             go = cv.wait(go).unwrap_or_else(|e| e.into_inner());
         }
-        *go && !self.stop.load(Ordering::Acquire)
+        if !*go || self.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        drop(go);
+        // Let the vCPUs' first burst of faults pass (see FILL_QUIET): wait
+        // for a fault, then for a quiet spell.
+        let go_at = self.epoch.elapsed();
+        while self.epoch.elapsed() - go_at < FILL_DEFER_MAX {
+            let last = Duration::from_micros(self.last_fault_us.load(Ordering::Relaxed));
+            if last > go_at && self.epoch.elapsed().saturating_sub(last) >= FILL_QUIET {
+                break;
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        !self.stop.load(Ordering::Acquire)
     }
 
     fn set_go(&self) {
@@ -317,9 +368,11 @@ pub struct LazyFill {
 
 impl LazyFill {
     /// Registers `ram` (an empty memfd of the snapshot's size) and starts
-    /// bringing in `file`'s data. Fails, with nothing started, where
+    /// bringing in `file`'s data: first the chunks holding the
+    /// guest-physical addresses `hot` (see `hot_pages.rs`), the rest once
+    /// [`Self::begin`] is called. Fails, with nothing started, where
     /// userfaultfd is not available; the caller then copies eagerly.
-    pub fn start(ram: &GuestRam, file: File, exit: ExitSender) -> io::Result<Self> {
+    pub fn start(ram: &GuestRam, file: File, hot: Vec<u64>, exit: ExitSender) -> io::Result<Self> {
         let uffd = Uffd::new()?;
         let mut spans = Vec::new();
         let mut file_offset = 0;
@@ -329,6 +382,7 @@ impl LazyFill {
                 .map_err(|e| io::Error::other(e.to_string()))? as u64;
             uffd.register(host, r.len())?;
             spans.push(Span {
+                gpa: r.start_addr().0,
                 host,
                 len: r.len(),
                 file_offset,
@@ -342,32 +396,27 @@ impl LazyFill {
             spans,
             stop: AtomicBool::new(false),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            last_fault_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             go: (Mutex::new(false), std::sync::Condvar::new()),
             gate: Arc::new(FillGate::default()),
             exit,
         });
         let mut threads = Vec::new();
         let s = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("mem-fault".into())
-                .spawn(move || {
-                    tern_seccomp::enter_or_exit("vmm");
-                    s.serve_faults()
-                })?,
-        );
+        threads.push(crate::spare_thread::spawn("mem-fault", "vmm", move || {
+            s.serve_faults()
+        })?);
         let s = shared.clone();
-        let filler = std::thread::Builder::new()
-            .name("mem-fill".into())
-            .spawn(move || {
-                tern_seccomp::enter_or_exit("vmm");
-                if s.wait_for_go() {
-                    s.fill(&file);
-                }
-                // Done (or stopped): the fault thread is no longer needed.
-                s.stop.store(true, Ordering::Release);
-                let _ = s.stop_evt.write(1);
-            });
+        let filler = crate::spare_thread::spawn("mem-fill", "vmm", move || {
+            s.prefetch(&hot);
+            if s.wait_for_go() {
+                s.fill(&file);
+            }
+            // Done (or stopped): the fault thread is no longer needed.
+            s.stop.store(true, Ordering::Release);
+            let _ = s.stop_evt.write(1);
+        });
         match filler {
             Ok(t) => threads.push(t),
             Err(e) => {

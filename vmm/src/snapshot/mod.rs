@@ -4,6 +4,7 @@
 //! from them in a fresh tern. See `docs/snapshot.md`.
 
 pub mod file;
+mod hot_pages;
 pub mod lazy;
 pub mod memory;
 mod restore;

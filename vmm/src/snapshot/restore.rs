@@ -117,9 +117,12 @@ fn load_memory(
             .map_err(|e| vmm_err(e.into()));
     }
     let mut ram = memory::ram_empty(state.mem_size).map_err(|e| vmm_err(e.into()))?;
+    let hot = super::hot_pages::of_vcpus(&state.vcpus, |gpa| {
+        read_saved_u64(&mem_file, state.mem_size, gpa)
+    });
     let lazy = mem_file
         .try_clone()
-        .and_then(|f| super::lazy::LazyFill::start(&ram, f, exit.clone()));
+        .and_then(|f| super::lazy::LazyFill::start(&ram, f, hot, exit.clone()));
     match lazy {
         Ok(fill) => ram.filler = Some(fill),
         Err(e) => {
@@ -129,6 +132,22 @@ fn load_memory(
         }
     }
     Ok(ram)
+}
+
+/// The 8 bytes at guest-physical `gpa` in a memory file (RAM ranges laid
+/// end to end), or None outside RAM or on a read error.
+fn read_saved_u64(file: &std::fs::File, mem_size: u64, gpa: u64) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut offset = 0;
+    for (start, len) in memory::ram_ranges(mem_size) {
+        if (start.0..start.0 + len).contains(&gpa) && gpa + 8 <= start.0 + len {
+            let mut b = [0u8; 8];
+            file.read_exact_at(&mut b, offset + gpa - start.0).ok()?;
+            return Some(u64::from_le_bytes(b));
+        }
+        offset += len;
+    }
+    None
 }
 
 impl Vmm {

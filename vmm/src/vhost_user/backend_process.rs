@@ -209,7 +209,17 @@ impl BackendProcess {
         let socket = dir.join(format!("{id}.sock"));
         let _ = std::fs::remove_file(&socket);
         let name = bin.display().to_string();
-        let mut child = Command::new(bin)
+        // One pipe takes both its stdout and stderr: one thread to read it.
+        let (output, out_w) = std::io::pipe().map_err(|err| BackendError::Spawn {
+            bin: name.clone(),
+            err,
+        })?;
+        let err_w = out_w.try_clone().map_err(|err| BackendError::Spawn {
+            bin: name.clone(),
+            err,
+        })?;
+        let mut command = Command::new(bin);
+        command
             .arg("--socket")
             .arg(&socket)
             .args(args)
@@ -219,42 +229,27 @@ impl BackendProcess {
                     .unwrap_or_default(),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|err| BackendError::Spawn {
-                bin: name.clone(),
-                err,
-            })?;
+            .stdout(out_w)
+            .stderr(err_w);
+        let mut child = command.spawn().map_err(|err| BackendError::Spawn {
+            bin: name.clone(),
+            err,
+        })?;
+        // The child has its copies of the write ends; ours go with
+        // `command`, so the reader sees the end when the backend exits.
+        drop(command);
         // Its output goes to tern's log, line by line, tagged with the drive.
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tag = format!(
-                "{}[{id}]",
-                bin.file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            );
-            let _ = std::thread::Builder::new()
-                .name("backend-log".into())
-                .spawn(move || {
-                    tern_seccomp::enter_or_exit("vmm");
-                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                        log::info!("{tag}: {line}");
-                    }
-                });
-        }
+        let tag = format!(
+            "{}[{id}]",
+            bin.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let _ = crate::spare_thread::spawn("backend-log", "vmm", move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                log::info!("{tag}: {line}");
+            }
+        });
         let start = Instant::now();
         loop {
             // Wait for the socket file, not a connection: a backend serves

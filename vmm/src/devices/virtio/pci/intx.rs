@@ -38,12 +38,9 @@ impl IntxRelay {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let disabled = Arc::new(AtomicBool::new(disabled));
         let (t_line, t_stop, t_disabled) = (line.try_clone()?, stop.try_clone()?, disabled.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("intx-{gsi}"))
-            .spawn(move || {
-                tern_seccomp::enter_or_exit("vmm");
-                relay(calls, resample, t_line, t_stop, isr, t_disabled)
-            })?;
+        let thread = crate::spare_thread::spawn(&format!("intx-{gsi}"), "vmm", move || {
+            relay(calls, resample, t_line, t_stop, isr, t_disabled)
+        })?;
         Ok(Self {
             stop,
             line,
