@@ -440,3 +440,58 @@ fn a_restarted_external_backend_is_reconnected_and_io_resumes() {
         let _ = s.wait();
     }
 }
+
+/// A tern waiting for its VM starts tern-blk ahead with `--args-on-stdin`;
+/// the backend then serves what it is told on stdin, and exits quietly
+/// when its stdin closes with nothing on it.
+#[test]
+fn a_backend_started_ahead_serves_the_arguments_it_is_given_later() {
+    use std::io::Write;
+    let dir = Scratch::new("ahead");
+    let img = dir.path("ahead.raw");
+    let head = raw_image(&img, 16);
+    let sock = dir.path("blk.sock");
+    let start = |stdin_args: Option<Vec<&str>>| {
+        let mut child = Command::new(tern_blk())
+            .arg("--args-on-stdin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tern-blk");
+        // It waits: no socket yet.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!sock.exists(), "the socket appeared before the arguments");
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(args) = stdin_args {
+            for a in args {
+                stdin.write_all(a.as_bytes()).unwrap();
+                stdin.write_all(b"\0").unwrap();
+            }
+        }
+        drop(stdin);
+        child
+    };
+
+    let idle = start(None).wait_with_output().unwrap();
+    assert!(idle.status.success(), "{idle:?}");
+    assert!(idle.stderr.is_empty(), "{idle:?}");
+
+    let mut backend = start(Some(vec![
+        "--socket",
+        sock.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+    ]));
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let spec = format!("socket={},id=ahead0", sock.display());
+    let run = boot(&[&spec], "checks=blk blkwrite=1 action=exit code=4");
+    assert_eq!(run.code(), 9, "{run}");
+    assert_line(&run, &format!("BLK sum {:08x}", fnv1a(&head)));
+    let _ = backend.wait();
+    assert_pattern_in(&std::fs::read(&img).unwrap());
+}

@@ -96,11 +96,16 @@ pub fn stop_stocking() {
     BUILDING.store(true, Ordering::Relaxed);
 }
 
+/// Whether [`stop_stocking`] was called.
+pub fn stocking_stopped() -> bool {
+    BUILDING.load(Ordering::Relaxed)
+}
+
 /// Adds up to `n` threads of seccomp kind `kind` to the stock, until a
 /// build begins.
 pub fn stock(kind: &'static str, n: usize) {
     for _ in 0..n {
-        if BUILDING.load(Ordering::Relaxed) {
+        if stocking_stopped() {
             return;
         }
         match SpareThread::start(format!("spare-{kind}"), kind) {

@@ -143,7 +143,11 @@ enum RunError {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    // Started ahead by a tern that never needed it: nothing to do.
+    let Some(command_line) = tern_backend_common::command_line() else {
+        return ExitCode::SUCCESS;
+    };
+    let args = Args::parse_from(command_line);
     init_logger("tern-blk", args.log_level);
     if let Err(e) = tern_seccomp::init("tern-blk", args.seccomp_level) {
         eprintln!("tern-blk: {e}");

@@ -155,6 +155,39 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
+/// The flag with which tern starts a backend ahead of need: the backend
+/// then waits for its real arguments on stdin (see [`command_line`]).
+pub const ARGS_ON_STDIN: &str = "--args-on-stdin";
+
+/// The backend's command line: its own, or, when started with only
+/// [`ARGS_ON_STDIN`], the arguments tern writes to its stdin later (each
+/// ended by a NUL; tern then closes the pipe). A tern that expects to
+/// build a VM starts its backends this way while it is idle, so that the
+/// process start, the dynamic linking and the runtime set-up (1-2 ms on a
+/// small host) are done before the VM's configuration is known. None when
+/// stdin closes with nothing on it: the tern that started it went away
+/// without needing it.
+pub fn command_line() -> Option<Vec<std::ffi::OsString>> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStringExt;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() != 2 || args[1] != ARGS_ON_STDIN {
+        return Some(args);
+    }
+    let mut given = Vec::new();
+    if io::stdin().read_to_end(&mut given).is_err() || given.is_empty() {
+        return None;
+    }
+    args.truncate(1);
+    args.extend(
+        given
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsString::from_vec(a.to_vec())),
+    );
+    Some(args)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,9 @@
 //! reads the supported CPUID. The first VM built takes that VM; later ones
 //! (or one built before the thread is done with it, which then waits)
 //! make their own. The CPUID is read once per process: it depends only on
-//! the host's KVM.
+//! the host's KVM. When idle, the thread then starts a tern-blk and a
+//! tern-net that wait for their arguments (`backend_process.rs`), and
+//! stocks confined threads (`spare_thread.rs`), until a build begins.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -48,6 +50,12 @@ pub fn prepare(idle: bool) {
             drop(spare);
             let _ = supported_cpuid(&kvm);
             if idle {
+                use crate::vhost_user::backend_process::{backend_binary, stock_waiting};
+                for name in ["tern-blk", "tern-net"] {
+                    if !crate::spare_thread::stocking_stopped() {
+                        stock_waiting(&backend_binary(name));
+                    }
+                }
                 crate::spare_thread::stock("vcpu", STOCK_VCPU_THREADS);
                 crate::spare_thread::stock("vmm", STOCK_VMM_THREADS);
             }

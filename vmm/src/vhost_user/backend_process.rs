@@ -83,6 +83,115 @@ pub fn backend_binary(name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The argument with which a backend waits for its real ones on stdin
+/// (`tern_backend_common::command_line`).
+const ARGS_ON_STDIN: &str = "--args-on-stdin";
+
+/// A backend process, started with its arguments or waiting for them.
+struct Waiting {
+    bin: PathBuf,
+    child: Child,
+    /// Where the arguments go; None once given.
+    args_in: Option<std::process::ChildStdin>,
+    /// Its stdout and stderr, on one pipe.
+    output: std::io::PipeReader,
+}
+
+impl Waiting {
+    /// Starts `bin` with `args`.
+    fn spawn(bin: &Path, args: &[String]) -> std::io::Result<Self> {
+        Self::spawn_with(bin, Some(args))
+    }
+
+    /// Starts `bin` with `args`, or with [`ARGS_ON_STDIN`] when None.
+    fn spawn_with(bin: &Path, args: Option<&[String]>) -> std::io::Result<Self> {
+        // One pipe takes both its stdout and stderr: one thread to read it.
+        let (output, out_w) = std::io::pipe()?;
+        let err_w = out_w.try_clone()?;
+        let mut command = Command::new(bin);
+        match args {
+            Some(a) => command.args(a).stdin(Stdio::null()),
+            None => command.arg(ARGS_ON_STDIN).stdin(Stdio::piped()),
+        };
+        command.stdout(out_w).stderr(err_w);
+        let mut child = command.spawn()?;
+        // Our copies of the pipe's write ends go with `command`, so that
+        // the reader sees the end when the backend exits.
+        drop(command);
+        let args_in = child.stdin.take();
+        Ok(Self {
+            bin: bin.to_owned(),
+            child,
+            args_in,
+            output,
+        })
+    }
+}
+
+/// Backends started while tern was idle, waiting for their arguments.
+static WAITING: Mutex<Vec<Waiting>> = Mutex::new(Vec::new());
+
+/// Starts `bin` waiting for its arguments, for the next backend of that
+/// binary to take (see `kvm/warm.rs`); nothing if it cannot be started.
+pub fn stock_waiting(bin: &Path) {
+    match Waiting::spawn_with(bin, None) {
+        Ok(w) => WAITING.lock().unwrap_or_else(|e| e.into_inner()).push(w),
+        Err(e) => log::debug!("cannot start {} ahead: {e}", bin.display()),
+    }
+}
+
+/// A waiting `bin`, given `args`; None if there is none (or it died).
+fn take_waiting(bin: &Path, args: &[String]) -> Option<Waiting> {
+    use std::io::Write;
+    let mut w = {
+        let mut waiting = WAITING.lock().unwrap_or_else(|e| e.into_inner());
+        let i = waiting.iter().position(|w| w.bin == bin)?;
+        waiting.swap_remove(i)
+    };
+    let mut given = Vec::new();
+    for a in args {
+        given.extend_from_slice(a.as_bytes());
+        given.push(0);
+    }
+    let mut args_in = w.args_in.take()?;
+    if args_in.write_all(&given).is_err() {
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+        return None;
+    }
+    // Closing the pipe tells it the arguments are complete.
+    drop(args_in);
+    log::debug!(
+        "{}: the process started ahead takes its arguments",
+        bin.display()
+    );
+    Some(w)
+}
+
+/// Ends the waiting backends nobody took: their stdin closes with nothing
+/// on it, and they exit. They are reaped on the launcher thread.
+fn discard_waiting() {
+    let left = std::mem::take(&mut *WAITING.lock().unwrap_or_else(|e| e.into_inner()));
+    if left.is_empty() {
+        return;
+    }
+    let reap = move || {
+        for mut w in left {
+            drop(w.args_in.take());
+            let _ = w.child.wait();
+        }
+    };
+    match LAUNCHER.get() {
+        Some(l) => {
+            let _ = l
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Box::new(reap));
+        }
+        None => reap(),
+    }
+}
+
 /// A running backend; killed when dropped.
 pub struct BackendProcess {
     child: Child,
@@ -171,8 +280,10 @@ impl BackendProcess {
         }
     }
 
-    /// Stops the prelaunched backends nobody took (a restore that failed).
+    /// Stops the prelaunched backends nobody took (a restore that failed),
+    /// and those started while idle that the VM did not need.
     pub fn discard_prelaunched() {
+        discard_waiting();
         let left = std::mem::take(&mut *PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner()));
         // Waiting drops each started process, which stops it.
         for (_, rx) in left {
@@ -209,35 +320,20 @@ impl BackendProcess {
         let socket = dir.join(format!("{id}.sock"));
         let _ = std::fs::remove_file(&socket);
         let name = bin.display().to_string();
-        // One pipe takes both its stdout and stderr: one thread to read it.
-        let (output, out_w) = std::io::pipe().map_err(|err| BackendError::Spawn {
-            bin: name.clone(),
-            err,
-        })?;
-        let err_w = out_w.try_clone().map_err(|err| BackendError::Spawn {
-            bin: name.clone(),
-            err,
-        })?;
-        let mut command = Command::new(bin);
-        command
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .args(
-                tern_seccomp::level()
-                    .map(|l| vec!["--seccomp-level".to_string(), l.to_string()])
-                    .unwrap_or_default(),
-            )
-            .stdin(Stdio::null())
-            .stdout(out_w)
-            .stderr(err_w);
-        let mut child = command.spawn().map_err(|err| BackendError::Spawn {
-            bin: name.clone(),
-            err,
-        })?;
-        // The child has its copies of the write ends; ours go with
-        // `command`, so the reader sees the end when the backend exits.
-        drop(command);
+        let mut full_args = vec!["--socket".to_string(), socket.display().to_string()];
+        full_args.extend_from_slice(args);
+        if let Some(l) = tern_seccomp::level() {
+            full_args.extend(["--seccomp-level".to_string(), l.to_string()]);
+        }
+        let Waiting {
+            mut child, output, ..
+        } = match take_waiting(bin, &full_args) {
+            Some(w) => w,
+            None => Waiting::spawn(bin, &full_args).map_err(|err| BackendError::Spawn {
+                bin: name.clone(),
+                err,
+            })?,
+        };
         // Its output goes to tern's log, line by line, tagged with the drive.
         let tag = format!(
             "{}[{id}]",
