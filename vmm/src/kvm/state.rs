@@ -255,9 +255,44 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
         ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
-        pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+        pit: one_shots_keep_their_time(vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?, monotonic_ns()),
         clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
     })
+}
+
+/// The PIT's input clock.
+const PIT_HZ: u128 = 1_193_182;
+
+/// The host's CLOCK_MONOTONIC in nanoseconds: the clock of KVM's
+/// `count_load_time`.
+fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// KVM_SET_PIT2 loads every channel's count afresh, so a one-shot count
+/// (modes 0 and 4, started by the guest's write) would start over on
+/// restore: a guest in the middle of a 1 ms PIT delay waited up to 1 ms
+/// more. Saving what is left of it instead (at least one tick: a count
+/// already run out fires at once) makes the countdown carry on, as it does
+/// across a pause in one process. Periodic modes keep their count, the
+/// period.
+fn one_shots_keep_their_time(mut pit: kvm_pit_state2, now_ns: i64) -> kvm_pit_state2 {
+    for ch in pit.channels.iter_mut() {
+        if ch.mode != 0 && ch.mode != 4 {
+            continue;
+        }
+        let count = if ch.count == 0 { 0x1_0000 } else { ch.count };
+        let elapsed_ns = now_ns.saturating_sub(ch.count_load_time).max(0) as u128;
+        let elapsed = (elapsed_ns * PIT_HZ / 1_000_000_000).min(u128::from(count)) as u32;
+        ch.count = (count - elapsed).max(1);
+    }
+    pit
 }
 
 /// Restores the VM-wide state into a fresh VM before its vCPUs run.
@@ -278,6 +313,26 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_one_shot_pit_count_keeps_what_is_left_of_it() {
+        let mut pit = kvm_pit_state2::default();
+        // Channel 2: a 1 ms one-shot (1193 ticks) loaded 0.5 ms ago.
+        pit.channels[2].mode = 0;
+        pit.channels[2].count = 1193;
+        pit.channels[2].count_load_time = 1_000_000;
+        // Channel 0: periodic, left alone.
+        pit.channels[0].mode = 2;
+        pit.channels[0].count = 11932;
+        // Channel 1: a one-shot long run out.
+        pit.channels[1].mode = 4;
+        pit.channels[1].count = 100;
+        let saved = one_shots_keep_their_time(pit, 1_500_000);
+        assert_eq!(saved.channels[2].count, 1193 - 596);
+        assert_eq!(saved.channels[0].count, 11932);
+        assert_eq!(saved.channels[1].count, 1);
+    }
+
     use super::*;
 
     #[test]
