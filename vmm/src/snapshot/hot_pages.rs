@@ -1,5 +1,6 @@
 //! The guest pages a restored vCPU needs first, found from its saved
-//! registers: the code at RIP, the stack at RSP, the descriptor tables,
+//! registers: the code at RIP (and the 1 MiB around it: a kernel's code
+//! and data lie close together), the stack at RSP, the descriptor tables,
 //! the TSS, the FS/GS bases (per-CPU data in Linux), and the page-table
 //! pages that map them. A lazy restore copies these in before the vCPUs
 //! run, so their first instructions do not each wait for a page fault to
@@ -22,10 +23,47 @@ const HUGE: u64 = 1 << 7;
 /// Bits 12-51 of a page-table entry: the next table or the page.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
-/// Guest-physical addresses worth having before `vcpus` run. `read`
-/// gives the 8 bytes of guest memory at a guest-physical address (None
-/// outside RAM), as the snapshot saved them.
-pub fn of_vcpus(vcpus: &[VcpuState], read: impl Fn(u64) -> Option<u64>) -> Vec<u64> {
+/// Bytes brought in around each address found.
+const AROUND: u64 = 64 << 10;
+/// ... and around the code at RIP.
+const AROUND_CODE: u64 = 1 << 20;
+
+/// Guest-physical ranges (start, length; aligned to their length) worth
+/// having before `vcpus` run. `read` gives the 8 bytes of guest memory at
+/// a guest-physical address (None outside RAM), as the snapshot saved
+/// them.
+pub fn of_vcpus(vcpus: &[VcpuState], read: impl Fn(u64) -> Option<u64>) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for v in vcpus {
+        let s = &v.sregs;
+        let mut code = Vec::new();
+        translate(s.cr0, s.cr3, s.cr4, s.efer, v.regs.rip, &read, &mut code);
+        // The last address is the code's; those before it, page tables.
+        if let Some(rip) = code.pop() {
+            ranges.push((rip & !(AROUND_CODE - 1), AROUND_CODE));
+        }
+        ranges.extend(code.into_iter().map(|a| (a & !(AROUND - 1), AROUND)));
+    }
+    ranges.extend(
+        addresses(vcpus, &read)
+            .into_iter()
+            .map(|a| (a & !(AROUND - 1), AROUND)),
+    );
+    // By start, the longest first, so that a range inside another comes
+    // after it and is dropped.
+    ranges.sort_unstable_by_key(|&(start, len)| (start, std::cmp::Reverse(len)));
+    let mut kept: Vec<(u64, u64)> = Vec::new();
+    for r in ranges {
+        if !kept.iter().any(|k| k.0 <= r.0 && r.0 + r.1 <= k.0 + k.1) {
+            kept.push(r);
+        }
+    }
+    kept
+}
+
+/// The guest-physical addresses the registers of `vcpus` point at, and
+/// the page tables on the way.
+fn addresses(vcpus: &[VcpuState], read: &impl Fn(u64) -> Option<u64>) -> Vec<u64> {
     let mut hot = Vec::new();
     for v in vcpus {
         let s = &v.sregs;
@@ -45,7 +83,7 @@ pub fn of_vcpus(vcpus: &[VcpuState], read: impl Fn(u64) -> Option<u64>) -> Vec<u
             kernel_gs,
         ];
         for va in virt.into_iter().flatten().filter(|&va| va != 0) {
-            translate(s.cr0, s.cr3, s.cr4, s.efer, va, &read, &mut hot);
+            translate(s.cr0, s.cr3, s.cr4, s.efer, va, read, &mut hot);
         }
     }
     hot.sort_unstable();
@@ -127,8 +165,19 @@ mod tests {
 
     #[test]
     fn without_paging_addresses_are_physical() {
-        let hot = of_vcpus(&[vcpu(0x10_1c71, 0x1a_9f30, 0, false)], |_| None);
-        assert_eq!(hot, vec![0x10_1c71, 0x1a_9f30]);
+        let v = [vcpu(0x10_1c71, 0x1a_9f30, 0, false)];
+        assert_eq!(addresses(&v, &|_| None), vec![0x10_1c71, 0x1a_9f30]);
+        // The MiB around the code holds the stack's 64 KiB too.
+        assert_eq!(of_vcpus(&v, |_| None), vec![(0x10_0000, 1 << 20)]);
+    }
+
+    #[test]
+    fn ranges_are_aligned_and_the_code_gets_a_mib() {
+        let v = [vcpu(0x30_1c71, 0x1a_9f30, 0, false)];
+        assert_eq!(
+            of_vcpus(&v, |_| None),
+            vec![(0x1a_0000, 64 << 10), (0x30_0000, 1 << 20)]
+        );
     }
 
     #[test]
@@ -147,9 +196,8 @@ mod tests {
         mem.insert(0x3000 + 8, 0x4000_0000 | PRESENT | HUGE);
         mem.insert(0x3000 + 2 * 8, 0x5000 | PRESENT);
         mem.insert(0x5000 + 3 * 8, 0x7000 | PRESENT);
-        let hot = of_vcpus(&[vcpu(va_huge, va_small, 0x1000, true)], |a| {
-            mem.get(&a).copied()
-        });
+        let v = [vcpu(va_huge, va_small, 0x1000, true)];
+        let hot = addresses(&v, &|a| mem.get(&a).copied());
         assert_eq!(
             hot,
             vec![0x1000, 0x2000, 0x3000, 0x5000, 0x7abc, 0x4000_1234]
@@ -158,7 +206,7 @@ mod tests {
 
     #[test]
     fn stops_at_a_missing_entry() {
-        let hot = of_vcpus(&[vcpu(0xffff_8000_0000_0000, 0, 0x9000, true)], |_| Some(0));
-        assert_eq!(hot, vec![0x9000]);
+        let v = [vcpu(0xffff_8000_0000_0000, 0, 0x9000, true)];
+        assert_eq!(addresses(&v, &|_| Some(0)), vec![0x9000]);
     }
 }

@@ -202,10 +202,10 @@ impl Shared {
         Ok(())
     }
 
-    /// Brings in the [`FAULT_CHUNK`]-aligned chunk holding each of the
-    /// guest-physical addresses `hot`, ahead of the vCPUs' first run.
-    fn prefetch(&self, hot: &[u64]) {
-        for &gpa in hot {
+    /// Brings in the guest-physical ranges `hot` (start, length) ahead
+    /// of the vCPUs' first run.
+    fn prefetch(&self, hot: &[(u64, u64)]) {
+        for &(gpa, len) in hot {
             let Some(span) = self
                 .spans
                 .iter()
@@ -213,9 +213,8 @@ impl Shared {
             else {
                 continue;
             };
-            let off = (gpa - span.gpa) & !(FAULT_CHUNK - 1);
-            let len = FAULT_CHUNK.min(span.len - off);
-            if let Err(e) = self.copy_range(span, off, len) {
+            let off = gpa - span.gpa;
+            if let Err(e) = self.copy_range(span, off, len.min(span.len - off)) {
                 return self.fail("bringing in the vCPUs' first pages", e);
             }
         }
@@ -369,10 +368,15 @@ pub struct LazyFill {
 impl LazyFill {
     /// Registers `ram` (an empty memfd of the snapshot's size) and starts
     /// bringing in `file`'s data: first the chunks holding the
-    /// guest-physical addresses `hot` (see `hot_pages.rs`), the rest once
+    /// guest-physical ranges `hot` (see `hot_pages.rs`), the rest once
     /// [`Self::begin`] is called. Fails, with nothing started, where
     /// userfaultfd is not available; the caller then copies eagerly.
-    pub fn start(ram: &GuestRam, file: File, hot: Vec<u64>, exit: ExitSender) -> io::Result<Self> {
+    pub fn start(
+        ram: &GuestRam,
+        file: File,
+        hot: Vec<(u64, u64)>,
+        exit: ExitSender,
+    ) -> io::Result<Self> {
         let uffd = Uffd::new()?;
         let mut spans = Vec::new();
         let mut file_offset = 0;
