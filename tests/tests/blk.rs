@@ -290,6 +290,11 @@ fn external_backend(image: &Path, socket: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn tern-blk");
+    wait_for_socket(socket);
+    child
+}
+
+fn wait_for_socket(socket: &Path) {
     let start = std::time::Instant::now();
     while !socket.exists() {
         assert!(
@@ -298,7 +303,18 @@ fn external_backend(image: &Path, socket: &Path) -> Child {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    child
+}
+
+/// Boots the guest on the external backend at `sock` serving `img`
+/// (whose first MiB is `head`): it reads `head` back and writes its
+/// pattern, which lands in `img` once the backend has ended.
+fn guest_io_through(sock: &Path, img: &Path, head: &[u8], mut backend: Child) {
+    let spec = format!("socket={},id=ext0", sock.display());
+    let run = boot(&[&spec], "checks=blk blkwrite=1 action=exit code=4");
+    assert_eq!(run.code(), 9, "{run}");
+    assert_line(&run, &format!("BLK sum {:08x}", fnv1a(head)));
+    let _ = backend.wait();
+    assert_pattern_in(&std::fs::read(img).unwrap());
 }
 
 #[test]
@@ -307,13 +323,8 @@ fn external_backend_started_by_the_test() {
     let img = dir.path("ext.raw");
     let head = raw_image(&img, 16);
     let sock = dir.path("blk.sock");
-    let mut backend = external_backend(&img, &sock);
-    let spec = format!("socket={},id=ext0", sock.display());
-    let run = boot(&[&spec], "checks=blk blkwrite=1 action=exit code=4");
-    assert_eq!(run.code(), 9, "{run}");
-    assert_line(&run, &format!("BLK sum {:08x}", fnv1a(&head)));
-    let _ = backend.wait();
-    assert_pattern_in(&std::fs::read(&img).unwrap());
+    let backend = external_backend(&img, &sock);
+    guest_io_through(&sock, &img, &head, backend);
 }
 
 #[test]
@@ -477,21 +488,12 @@ fn a_backend_started_ahead_serves_the_arguments_it_is_given_later() {
     assert!(idle.status.success(), "{idle:?}");
     assert!(idle.stderr.is_empty(), "{idle:?}");
 
-    let mut backend = start(Some(vec![
+    let backend = start(Some(vec![
         "--socket",
         sock.to_str().unwrap(),
         "--image",
         img.to_str().unwrap(),
     ]));
-    let t = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let spec = format!("socket={},id=ahead0", sock.display());
-    let run = boot(&[&spec], "checks=blk blkwrite=1 action=exit code=4");
-    assert_eq!(run.code(), 9, "{run}");
-    assert_line(&run, &format!("BLK sum {:08x}", fnv1a(&head)));
-    let _ = backend.wait();
-    assert_pattern_in(&std::fs::read(&img).unwrap());
+    wait_for_socket(&sock);
+    guest_io_through(&sock, &img, &head, backend);
 }
