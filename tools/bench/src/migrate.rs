@@ -24,7 +24,7 @@ usage: tern-bench migrate [--runs N] [--big-runs N] [--sizes MIB,...]
                           [--transports unix,tcp,local] [--loads idle,dirty]
                           [--dirty-pages N] [--downtime-limit MS]
                           [--tern PATH] [--unikernel PATH] [--json PATH]
-                          [--baseline-only]
+                          [--baseline-only] [--huge]
 
 For each guest size and load, a unikernel VM (1 vCPU, heartbeat every
 1 ms) fills all of its RAM with a pattern (mempattern=all), then migrates
@@ -44,6 +44,9 @@ moves through 128-256 MiB), about 100 MB/s at the guest's beat rate.
   --unikernel PATH     test unikernel ELF (default: built with make)
   --json PATH          also write every sample as JSON
   --baseline-only      only the raw baseline (see below)
+  --huge               guest RAM of 2 MiB huge pages (machine-config
+                       huge_pages 2M): the host must have reserved
+                       twice the largest size (vm.nr_hugepages)
 
 Before each guest size, raw baselines move the same number of bytes over
 each of the unix and tcp transports with a plain sender and receiver in
@@ -68,6 +71,7 @@ pub struct Options {
     unikernel: Option<PathBuf>,
     json: Option<PathBuf>,
     baseline_only: bool,
+    huge: bool,
 }
 
 fn list(v: &str) -> Vec<String> {
@@ -87,6 +91,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, Stri
         unikernel: None,
         json: None,
         baseline_only: false,
+        huge: false,
     };
     while let Some(arg) = it.next() {
         let arg = arg
@@ -111,6 +116,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, Stri
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
+            "--huge" => o.huge = true,
             "--runs" => o.runs = number(value()?)?.max(1) as usize,
             "--big-runs" => o.big_runs = number(value()?)?.max(1) as usize,
             "--dirty-pages" => o.dirty_pages = number(value()?)?.clamp(1, 65536),
@@ -326,7 +332,8 @@ fn boot(o: &Options, uk: &Path, work: &Path, size: u64, load: &str) -> Result<(P
     let mut p = Proc::spawn(&o.tern, &work.join("vm-0.sock"))?;
     p.put(
         "/machine-config",
-        &json!({"vcpu_count": 1, "mem_size_mib": size}),
+        &json!({"vcpu_count": 1, "mem_size_mib": size,
+                "huge_pages": if o.huge { "2M" } else { "None" }}),
     )?;
     p.put(
         "/boot-source",

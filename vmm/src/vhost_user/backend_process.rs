@@ -240,74 +240,41 @@ type Launching = std::sync::mpsc::Receiver<Result<BackendProcess, BackendError>>
 /// What a backend is started with: binary, id, arguments.
 type LaunchKey = (PathBuf, String, Vec<String>);
 
-/// Backends started ahead of need ([`BackendProcess::prelaunch`]).
-static PRELAUNCHED: std::sync::Mutex<Vec<(LaunchKey, Launching)>> =
+/// A backend started ahead of need ([`BackendProcess::prelaunch`]).
+enum Prelaunched {
+    /// Being started on the launcher thread.
+    Launching(Launching),
+    /// A waiting process, given its arguments on the prelaunching thread.
+    Begun(Starting),
+}
+
+impl Prelaunched {
+    /// The started backend; None if the launcher thread went away.
+    fn take(self) -> Option<Result<BackendProcess, BackendError>> {
+        match self {
+            Self::Begun(s) => Some(s.wait()),
+            Self::Launching(rx) => rx.recv().ok(),
+        }
+    }
+}
+
+static PRELAUNCHED: std::sync::Mutex<Vec<(LaunchKey, Prelaunched)>> =
     std::sync::Mutex::new(Vec::new());
 
-impl BackendProcess {
-    /// Starts `bin` with `args` and `--socket <runtime dir>/<id>.sock`, and
-    /// waits until the socket accepts connections (on the launcher thread
-    /// when there is one). A backend prelaunched with the same arguments is
-    /// taken instead of starting another.
-    pub fn start(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
-        let key = (bin.to_owned(), id.to_owned(), args.to_vec());
-        let prelaunched = {
-            let mut p = PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner());
-            p.iter()
-                .position(|(k, _)| *k == key)
-                .map(|i| p.swap_remove(i).1)
-        };
-        if let Some(Ok(r)) = prelaunched.map(|rx| rx.recv()) {
-            return r;
-        }
-        match Self::launch(bin, id, args) {
-            Some(rx) => rx
-                .recv()
-                .unwrap_or_else(|_| Self::start_here(bin, id, args)),
-            None => Self::start_here(bin, id, args),
-        }
-    }
+/// A backend process started (or a waiting one given its arguments),
+/// whose socket may not be there yet.
+struct Starting {
+    child: Child,
+    socket: PathBuf,
+    bin: PathBuf,
+    id: String,
+    args: Vec<String>,
+}
 
-    /// Starts a backend on the launcher thread without waiting for it, so
-    /// that it comes up while tern does other work (a restore creates the
-    /// VM meanwhile); the [`Self::start`] that needs it takes it.
-    pub fn prelaunch(bin: &Path, id: &str, args: &[String]) {
-        if let Some(rx) = Self::launch(bin, id, args) {
-            PRELAUNCHED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(((bin.to_owned(), id.to_owned(), args.to_vec()), rx));
-        }
-    }
-
-    /// Stops the prelaunched backends nobody took (a restore that failed),
-    /// and those started while idle that the VM did not need.
-    pub fn discard_prelaunched() {
-        discard_waiting();
-        let left = std::mem::take(&mut *PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner()));
-        // Waiting drops each started process, which stops it.
-        for (_, rx) in left {
-            let _ = rx.recv();
-        }
-    }
-
-    /// Hands the start to the launcher thread; None without one.
-    fn launch(bin: &Path, id: &str, args: &[String]) -> Option<Launching> {
-        let launcher = LAUNCHER.get()?;
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        let (bin_c, id_c, args_c) = (bin.to_owned(), id.to_owned(), args.to_vec());
-        let job: LaunchJob = Box::new(move || {
-            let _ = reply_tx.send(Self::start_here(&bin_c, &id_c, &args_c));
-        });
-        launcher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .ok()?;
-        Some(reply_rx)
-    }
-
-    fn start_here(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
+impl Starting {
+    /// Starts `bin` (or gives a waiting one its arguments) and sends its
+    /// output to tern's log; does not wait.
+    fn begin(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
         let dir = runtime_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -325,9 +292,7 @@ impl BackendProcess {
         if let Some(l) = tern_seccomp::level() {
             full_args.extend(["--seccomp-level".to_string(), l.to_string()]);
         }
-        let Waiting {
-            mut child, output, ..
-        } = match take_waiting(bin, &full_args) {
+        let Waiting { child, output, .. } = match take_waiting(bin, &full_args) {
             Some(w) => w,
             None => Waiting::spawn(bin, &full_args).map_err(|err| BackendError::Spawn {
                 bin: name.clone(),
@@ -346,6 +311,25 @@ impl BackendProcess {
                 log::info!("{tag}: {line}");
             }
         });
+        Ok(Self {
+            child,
+            socket,
+            bin: bin.to_owned(),
+            id: id.to_owned(),
+            args: args.to_vec(),
+        })
+    }
+
+    /// Waits until the socket is there.
+    fn wait(self) -> Result<BackendProcess, BackendError> {
+        let Self {
+            mut child,
+            socket,
+            bin,
+            id,
+            args,
+        } = self;
+        let name = bin.display().to_string();
         let start = Instant::now();
         loop {
             // Wait for the socket file, not a connection: a backend serves
@@ -368,14 +352,108 @@ impl BackendProcess {
             // Short: a restore waits on this before the guest can run.
             std::thread::sleep(Duration::from_micros(200));
         }
-        Ok(Self {
+        Ok(BackendProcess {
             child,
             socket,
-            bin: bin.to_owned(),
-            id: id.to_owned(),
-            args: Arc::new(Mutex::new(args.to_vec())),
+            bin,
+            id,
+            args: Arc::new(Mutex::new(args)),
             last_start: Instant::now(),
         })
+    }
+
+    /// Stops it (a prelaunched backend nobody took).
+    fn abandon(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl BackendProcess {
+    /// Starts `bin` with `args` and `--socket <runtime dir>/<id>.sock`, and
+    /// waits until the socket accepts connections (on the launcher thread
+    /// when there is one). A backend prelaunched with the same arguments is
+    /// taken instead of starting another.
+    pub fn start(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
+        let key = (bin.to_owned(), id.to_owned(), args.to_vec());
+        let prelaunched = {
+            let mut p = PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner());
+            p.iter()
+                .position(|(k, _)| *k == key)
+                .map(|i| p.swap_remove(i).1)
+        };
+        if let Some(r) = prelaunched.and_then(Prelaunched::take) {
+            return r;
+        }
+        match Self::launch(bin, id, args) {
+            Some(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Self::start_here(bin, id, args)),
+            None => Self::start_here(bin, id, args),
+        }
+    }
+
+    /// Starts a backend without waiting for it, so that it comes up while
+    /// tern does other work (a restore creates the VM meanwhile); the
+    /// [`Self::start`] that needs it takes it. A process started ahead
+    /// (`stock_waiting`) is given its arguments at once, here: only a new
+    /// process needs the launcher thread, whose wake-up cost up to a
+    /// millisecond on a busy host.
+    pub fn prelaunch(bin: &Path, id: &str, args: &[String]) {
+        let waiting = WAITING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|w| w.bin == bin);
+        let started = match waiting {
+            true => Starting::begin(bin, id, args).ok().map(Prelaunched::Begun),
+            false => None,
+        };
+        let Some(p) = started.or_else(|| Self::launch(bin, id, args).map(Prelaunched::Launching))
+        else {
+            return;
+        };
+        PRELAUNCHED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(((bin.to_owned(), id.to_owned(), args.to_vec()), p));
+    }
+
+    /// Stops the prelaunched backends nobody took (a restore that failed),
+    /// and those started while idle that the VM did not need.
+    pub fn discard_prelaunched() {
+        discard_waiting();
+        let left = std::mem::take(&mut *PRELAUNCHED.lock().unwrap_or_else(|e| e.into_inner()));
+        for (_, p) in left {
+            match p {
+                Prelaunched::Begun(s) => s.abandon(),
+                // Waiting drops each started process, which stops it.
+                Prelaunched::Launching(rx) => {
+                    let _ = rx.recv();
+                }
+            }
+        }
+    }
+
+    /// Hands the start to the launcher thread; None without one.
+    fn launch(bin: &Path, id: &str, args: &[String]) -> Option<Launching> {
+        let launcher = LAUNCHER.get()?;
+        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+        let (bin_c, id_c, args_c) = (bin.to_owned(), id.to_owned(), args.to_vec());
+        let job: LaunchJob = Box::new(move || {
+            let _ = reply_tx.send(Self::start_here(&bin_c, &id_c, &args_c));
+        });
+        launcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .ok()?;
+        Some(reply_rx)
+    }
+
+    fn start_here(bin: &Path, id: &str, args: &[String]) -> Result<Self, BackendError> {
+        Starting::begin(bin, id, args)?.wait()
     }
 
     /// If the backend has died, starts it again with the same arguments
