@@ -188,7 +188,10 @@ fn run(
         Err(e) => return Err(refuse(&mut stream, e.to_string())),
     };
     crate::spare_thread::stop_stocking();
-    let platform = match Platform::build(config, ram, exit) {
+    let platform = Platform::build(config, ram, exit);
+    // Backends started ahead that the VM did not take end now.
+    crate::vhost_user::backend_process::BackendProcess::discard_prelaunched();
+    let platform = match platform {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut stream, e.to_string())),
     };
