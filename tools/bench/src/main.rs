@@ -4,6 +4,7 @@
 mod api;
 mod blk;
 mod confine;
+mod flags;
 mod hotplug;
 mod http;
 mod migrate;

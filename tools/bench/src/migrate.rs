@@ -78,7 +78,7 @@ fn list(v: &str) -> Vec<String> {
     v.split(',').map(|s| s.trim().to_string()).collect()
 }
 
-fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut o = Options {
         runs: 3,
         big_runs: 1,
@@ -93,23 +93,9 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, Stri
         baseline_only: false,
         huge: false,
     };
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .and_then(|v| v.into_string().ok())
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
+    let mut args = crate::flags::Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value(&flag, &inline);
         let number = |v: String| -> Result<u64, String> {
             v.parse()
                 .map_err(|_| format!("{flag}: '{v}' is not a number"))

@@ -55,7 +55,7 @@ pub struct Options {
     json: Option<PathBuf>,
 }
 
-fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut o = Options {
         runs: 10,
         sizes: vec![128, 1024, 4096],
@@ -66,23 +66,9 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, Stri
         unikernel: None,
         json: None,
     };
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .and_then(|v| v.into_string().ok())
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
+    let mut args = crate::flags::Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--runs" => {
