@@ -122,8 +122,7 @@ fn disk_plugged_and_unplugged_is_seen_by_the_guest_and_freed() {
     let cfg = vm.expect("GET", "/vm/config", None, 200);
     assert!(cfg.get("drives").is_none(), "{cfg}");
     // The guest keeps running, and the slot can be used again.
-    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
-    vm.wait_beat(before + 3, T);
+    vm.wait_more_beats(3, T);
     assert!(Path::new(&format!("/proc/{pid}")).exists());
 }
 
@@ -236,8 +235,7 @@ fn twenty_plug_unplug_cycles_leak_nothing() {
         rss1 < rss0 + 4096,
         "RSS grew from {rss0} kB to {rss1} kB over 20 cycles"
     );
-    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
-    vm.wait_beat(before + 3, T);
+    vm.wait_more_beats(3, T);
 }
 
 /// A snapshot taken after plugs and an unplug (which leaves a hole in the
@@ -329,8 +327,7 @@ fn nic_plugged_answers_pings_and_is_gone_after_unplug() {
     vm.wait_until(T, "the NIC's unplug", || device(&vm, "hot0").is_none());
     let (ok, out) = ns.ping("10.77.0.2", 2, 3);
     assert!(!ok, "no answer once the NIC is gone: {out}");
-    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
-    vm.wait_beat(before + 3, T);
+    vm.wait_more_beats(3, T);
 }
 
 /// `GET /devices` shows a hot plugged disk `plugging` until the guest's

@@ -153,8 +153,7 @@ fn lun_added_at_run_time_is_scanned_written_and_removed() {
         [("s0", 0), ("s2", 1), ("s3", 3)]
     );
     assert_pattern(&imgs[2], 1);
-    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
-    vm.wait_beat(before + 3, T);
+    vm.wait_more_beats(3, T);
 }
 
 /// A snapshot after LUN changes restores the controller with the same LUN
@@ -342,8 +341,7 @@ fn lun_refusals_are_exact_and_change_nothing() {
     says(&vm, "PUT", "/drives/s1", Some(scsi(&img)), "paused");
     vm.resume();
     // Nothing reached the guest.
-    let before = vm.last_beat().map(|b| b.n).unwrap_or(0);
-    vm.wait_beat(before + 3, T);
+    vm.wait_more_beats(3, T);
     assert!(
         !vm.lines().iter().any(|l| l.starts_with("scsi: event")),
         "the guest saw no event:\n{}",
