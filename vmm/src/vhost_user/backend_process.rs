@@ -98,13 +98,8 @@ struct Waiting {
 }
 
 impl Waiting {
-    /// Starts `bin` with `args`.
-    fn spawn(bin: &Path, args: &[String]) -> std::io::Result<Self> {
-        Self::spawn_with(bin, Some(args))
-    }
-
     /// Starts `bin` with `args`, or with [`ARGS_ON_STDIN`] when None.
-    fn spawn_with(bin: &Path, args: Option<&[String]>) -> std::io::Result<Self> {
+    fn spawn(bin: &Path, args: Option<&[String]>) -> std::io::Result<Self> {
         // One pipe takes both its stdout and stderr: one thread to read it.
         let (output, out_w) = std::io::pipe()?;
         let err_w = out_w.try_clone()?;
@@ -134,7 +129,7 @@ static WAITING: Mutex<Vec<Waiting>> = Mutex::new(Vec::new());
 /// Starts `bin` waiting for its arguments, for the next backend of that
 /// binary to take (see `kvm/warm.rs`); nothing if it cannot be started.
 pub fn stock_waiting(bin: &Path) {
-    match Waiting::spawn_with(bin, None) {
+    match Waiting::spawn(bin, None) {
         Ok(w) => WAITING.lock().unwrap_or_else(|e| e.into_inner()).push(w),
         Err(e) => log::debug!("cannot start {} ahead: {e}", bin.display()),
     }
@@ -294,7 +289,7 @@ impl Starting {
         }
         let Waiting { child, output, .. } = match take_waiting(bin, &full_args) {
             Some(w) => w,
-            None => Waiting::spawn(bin, &full_args).map_err(|err| BackendError::Spawn {
+            None => Waiting::spawn(bin, Some(&full_args)).map_err(|err| BackendError::Spawn {
                 bin: name.clone(),
                 err,
             })?,
