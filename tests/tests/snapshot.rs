@@ -207,6 +207,60 @@ fn vhost_user_disk_reads_the_pattern_and_new_writes_land_after_restore() {
     assert_disk_has(&image, &after, "after restore (new writes)");
 }
 
+/// A guest of 3 GiB reaches past the PCI hole: a waiting tern registered
+/// its low RAM's memory slot ahead and maps that RAM where the slot
+/// points (kvm/warm.rs). Restored that way, privately mapped (no device)
+/// and shared with a disk's backend (filled lazily), the guest carries
+/// on with its pattern and its disk.
+#[test]
+fn a_guest_past_the_pci_hole_restores_into_its_slot_registered_ahead() {
+    let dir = Scratch::new("snap-3g");
+    let (state, mem) = (dir.path("a.state"), dir.path("a.mem"));
+    let (dstate, dmem) = (dir.path("d.state"), dir.path("d.mem"));
+    let debug_load = |name: &str, state: &Path, mem: &Path| {
+        let vm = Vm::start(Some(&dir.path(&format!("{name}.sock"))), &[]);
+        vm.expect("PUT", "/logger", Some(r#"{"level": "Debug"}"#), 204);
+        let body = Vm::load_body(state, mem, true);
+        vm.expect("PUT", "/snapshot/load", Some(&body.to_string()), 204);
+        vm
+    };
+
+    let mut vm = boot(
+        &dir,
+        "orig",
+        None,
+        machine(3072),
+        &[],
+        "action=heartbeat period=50 mempattern=64",
+    );
+    let sum = pattern_sum(&vm);
+    vm.wait_beat(3, T);
+    let last = pause_and_snapshot(&vm, "Full", &state, &mem);
+    vm.kill();
+    let mut r = debug_load("r", &state, &mem);
+    assert_continues(&r, &last, Some(sum), 2);
+    assert!(
+        r.stderr().contains("registered ahead"),
+        "the slot made ahead was not used:\n{}",
+        r.stderr()
+    );
+    r.kill();
+
+    let (mut vm, disk, sum, last) = disk_guest_snapshot(&dir, 3072, 64, &dstate, &dmem);
+    vm.kill();
+    let mut r = debug_load("d", &dstate, &dmem);
+    assert_continues(&r, &last, Some(sum), 3);
+    assert!(r.stderr().contains("registered ahead"), "{}", r.stderr());
+    let after = snapblk_beats(&r);
+    assert!(
+        after.len() >= 2,
+        "disk beats after restore: {after:?}\n{}",
+        r.output()
+    );
+    r.kill();
+    assert_disk_has(&std::fs::read(&disk).unwrap(), &after, "after restore");
+}
+
 #[test]
 fn a_snapshot_taken_while_a_lazy_restore_fills_memory_restores_whole() {
     let dir = Scratch::new("snap-lazy");

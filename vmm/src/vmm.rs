@@ -116,10 +116,10 @@ pub enum VmmError {
     Bar(vm_allocator::Error),
 }
 
-fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
-    Ok(match out {
+fn serial_out(out: &SerialOutput) -> Result<SerialOut, VmmError> {
+    let sink: Box<dyn Write + Send> = match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::None => return Ok(SerialOut::discard()),
         SerialOutput::File(path) => Box::new(
             OpenOptions::new()
                 .create(true)
@@ -130,7 +130,8 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
                     err,
                 })?,
         ),
-    })
+    };
+    Ok(SerialOut::new(sink))
 }
 
 /// The 64-bit PCI window: after RAM, aligned to 1 GiB.
@@ -302,6 +303,7 @@ impl Vmm {
         let serial = machine.serial.clone();
         let _ = crate::spare_thread::spawn("stdin", "vmm", move || forward_stdin(serial));
         let watched = spawn_reconnector(&virtio);
+        crate::kvm::warm::release_unused();
         let boot_duration = started.elapsed();
         log::debug!("VM built and started in {boot_duration:?}");
         Ok(Self {
@@ -997,7 +999,7 @@ pub(crate) fn build_platform(
     exit: &ExitSender,
 ) -> Result<Built, VmmError> {
     let mc = &config.machine_config;
-    let serial_out = SerialOut::new(serial_sink(&config.serial)?);
+    let serial_out = serial_out(&config.serial)?;
     let machine = machine::build(vm_fd, exit, serial_out)?;
     let env = PciEnv {
         vm: vm_fd.clone(),

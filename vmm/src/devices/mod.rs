@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod console_writer;
 pub mod debug_exit;
 pub mod i8042;
 pub mod pci_hotplug;

@@ -9,6 +9,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{lock, BusDevice};
+use super::console_writer::ConsoleWriter;
 
 /// An irqfd-backed interrupt line.
 pub struct EventFdTrigger(pub EventFd);
@@ -20,18 +21,24 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Serial output that reaches its sink a line at a time (or on exit), so that
-/// a guest printing byte by byte does not cost a syscall per byte, while a
-/// reader waiting for a line sees it as soon as it is complete.
+/// Serial output, written to its sink by a thread of its own
+/// (`console_writer.rs`), or thrown away.
 pub struct SerialOut {
-    inner: io::LineWriter<Box<dyn Write + Send>>,
+    inner: ConsoleWriter,
 }
 
 impl SerialOut {
-    /// Wraps a sink.
+    /// Output to `sink`, written by a writer thread.
     pub fn new(sink: Box<dyn Write + Send>) -> Self {
         Self {
-            inner: io::LineWriter::new(sink),
+            inner: ConsoleWriter::start(sink),
+        }
+    }
+
+    /// Output thrown away.
+    pub fn discard() -> Self {
+        Self {
+            inner: ConsoleWriter::direct(Box::new(io::sink())),
         }
     }
 }
@@ -40,6 +47,8 @@ impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.inner.write(buf)
     }
+    /// The UART calls this after every byte: the byte is on its way
+    /// already (see `ConsoleWriter::flush`).
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
@@ -72,9 +81,9 @@ impl SerialDevice {
         self.uart.fifo_capacity()
     }
 
-    /// Flushes pending output (at VM exit).
+    /// Returns once all output so far is written (at VM exit).
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+        self.uart.writer_mut().inner.drain();
     }
 
     /// The UART's registers and receive FIFO, for a snapshot.
@@ -121,7 +130,7 @@ impl SerialDevice {
         // Take the output out of the old UART to give it to the new one.
         let placeholder = Serial::new(
             EventFdTrigger(irq.try_clone().map_err(|e| format!("serial: {e}"))?),
-            SerialOut::new(Box::new(io::sink())),
+            SerialOut::discard(),
         );
         let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
         self.uart = Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out)

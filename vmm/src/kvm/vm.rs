@@ -67,11 +67,11 @@ pub fn create_vm(
     if vcpus as usize > max {
         return Err(VmError::TooManyVcpus { asked: vcpus, max });
     }
-    let vm = match super::warm::take_vm() {
-        Some(vm) => vm,
-        None => kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?,
+    let (vm, registered) = match super::warm::take_vm(mem) {
+        Some(made) => made,
+        None => (kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?, 0),
     };
-    register_memory(&vm, mem, log_dirty)?;
+    register_slots(&vm, mem, log_dirty, registered)?;
     vm.set_tss_address(TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
@@ -88,7 +88,22 @@ pub fn create_vm(
 /// Registers every guest memory region as a KVM memory slot (slot i is
 /// region i), with dirty-page logging when `log_dirty`.
 pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
+    register_slots(vm, mem, log_dirty, 0)
+}
+
+/// [`register_memory`] for a VM whose first `registered` slots already
+/// hold their regions without dirty logging (made ahead, `warm.rs`):
+/// those are only changed to log when `log_dirty`.
+fn register_slots(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+    registered: usize,
+) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
+        if slot < registered && !log_dirty {
+            continue;
+        }
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|_| VmError::Kvm {

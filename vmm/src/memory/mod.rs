@@ -11,6 +11,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::machine::layout::{HIGH_RAM_START, LOW_RAM_END, RAM_START};
 
+pub mod fixed;
+
 /// Smallest guest accepted: room for the boot structures, ACPI tables, a
 /// kernel and its stack.
 pub const MIN_MEM_MIB: u64 = 32;
@@ -68,6 +70,10 @@ pub struct GuestRam {
     pub filler: Option<crate::snapshot::lazy::LazyFill>,
     /// The mapped regions.
     pub memory: GuestMemoryMmap,
+    /// Regions mapped at an address picked ahead (low RAM whose KVM slot
+    /// was registered early, `kvm/warm.rs`): `memory` does not own these
+    /// mappings, so they are released here, after it.
+    pub fixed: Vec<fixed::FixedMapping>,
     /// The file holding every page, in guest-physical order (low RAM first,
     /// then high RAM).
     pub file: File,
@@ -224,22 +230,44 @@ fn map_ram(file: File, size: u64, huge: bool, backing: Backing) -> Result<GuestR
         Backing::Memfd => libc::MAP_SHARED,
         Backing::PrivateFile => libc::MAP_PRIVATE,
     };
+    // Huge pages are reserved at mmap time, so a shortage is an error now
+    // rather than a SIGBUS when the guest touches memory.
+    let flags = if huge {
+        share
+    } else {
+        share | libc::MAP_NORESERVE
+    };
     let mut regions = Vec::new();
+    let mut fixed = Vec::new();
     let mut file_offset = 0u64;
     for (addr, len) in ram_ranges(size) {
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, file_offset);
-        let mmap = MmapRegionBuilder::new(len as usize)
+        let builder = MmapRegionBuilder::new(len as usize)
             .with_file_offset(fo)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            // Huge pages are reserved at mmap time, so a shortage is an
-            // error now rather than a SIGBUS when the guest touches memory.
-            .with_mmap_flags(if huge {
-                share
-            } else {
-                share | libc::MAP_NORESERVE
-            })
-            .build()
-            .map_err(MemoryError::Mmap)?;
+            .with_mmap_flags(flags);
+        let whole_low = addr.0 == RAM_START && len == LOW_RAM_END - RAM_START;
+        let range = whole_low
+            .then(crate::kvm::warm::take_low_ram_range)
+            .flatten();
+        let at = range.and_then(|r| match r.map_file(&file, file_offset, flags) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::debug!("{e}: mapping low RAM elsewhere");
+                None
+            }
+        });
+        let mmap = match at {
+            Some(m) => {
+                let ptr = m.addr() as *mut u8;
+                fixed.push(m);
+                // SAFETY: `ptr` starts a mapping of exactly `len` bytes,
+                // kept until `fixed` (held by the GuestRam) is dropped.
+                unsafe { builder.with_raw_mmap_pointer(ptr) }.build()
+            }
+            None => builder.build(),
+        }
+        .map_err(MemoryError::Mmap)?;
         let region = GuestRegionMmap::new(mmap, addr)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", addr.0)))?;
         regions.push(region);
@@ -250,6 +278,7 @@ fn map_ram(file: File, size: u64, huge: bool, backing: Backing) -> Result<GuestR
     Ok(GuestRam {
         filler: None,
         memory,
+        fixed,
         file,
         size,
         backing,
