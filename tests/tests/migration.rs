@@ -765,6 +765,78 @@ fn local_migration_passes_the_memory_and_keeps_the_counter_with_near_zero_downti
     assert!(downtime < 100.0, "local downtime {downtime} ms");
 }
 
+/// Raises `vm.nr_hugepages` so that at least `pages` 2 MiB pages are free,
+/// and puts the old value back when dropped.
+struct HugePages(Option<u64>);
+
+impl HugePages {
+    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+    const FREE: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+
+    fn read(path: &str) -> u64 {
+        std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn reserve(pages: u64) -> Self {
+        let free = Self::read(Self::FREE);
+        if free >= pages {
+            return Self(None);
+        }
+        let nr = Self::read(Self::NR);
+        std::fs::write(Self::NR, (nr + pages - free).to_string())
+            .unwrap_or_else(|e| panic!("raising {} (needs root): {e}", Self::NR));
+        let now = Self::read(Self::FREE);
+        assert!(
+            now >= pages,
+            "the host gave only {now} free 2 MiB huge pages of {pages} (memory too fragmented?)"
+        );
+        Self(Some(nr))
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(nr) = self.0 {
+            let _ = std::fs::write(Self::NR, nr.to_string());
+        }
+    }
+}
+
+/// With 2 MiB huge pages the destination reads pages straight into guest
+/// memory (no writer thread): the pattern and the pages rewritten at
+/// every beat arrive whole.
+#[test]
+fn a_huge_page_guest_migrates_with_its_pattern_and_dirty_pages() {
+    let _huge = HugePages::reserve(2 * 64);
+    let dir = Scratch::new("mig-huge");
+    let mut src = boot(
+        &dir,
+        "src",
+        None,
+        json!({ "vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M" }),
+        &[],
+        "action=heartbeat period=5 mempattern=16 memcheck=20 memdirty=64",
+    );
+    let sum = pattern_sum(&src);
+    src.wait_beat(10, T);
+    let dst = Vm::start(Some(&dir.path("dst.sock")), &[]);
+    let url = unix_url(&dir.path("mig.sock"));
+    receive(&dst, &url);
+    send(&src, json!({ "url": url }));
+    assert_source_exited(&mut src);
+    let last = src.last_beat().unwrap();
+    let m = wait_status(&dst, &["completed", "failed"], T);
+    assert_eq!(m["status"], "completed", "{m}");
+    assert!(m["bytes_sent"].as_u64().unwrap() >= 16 << 20, "{m}");
+    let after = assert_continues(&dst, &last, Some(sum), 30);
+    assert!(after.iter().all(|b| b.dirty_ok == Some(true)), "{after:?}");
+    assert!(after.iter().any(|b| b.mem == Some(sum)), "{after:?}");
+}
+
 /// One dirty-rate measurement over `period` s: (MB/s, beats seen meanwhile
 /// per second of wall time).
 fn measure_dirty_rate(vm: &Vm, period: u64) -> (f64, f64) {

@@ -215,10 +215,12 @@ fn run(
             let read = take_stream(&mut rx, &mut stream, Some(&mut sink), shared, mem_size);
             // Every page is in memory once the writer is done.
             sink.close();
-            let written = writer.join().unwrap_or_else(|_| {
-                Err(MigrationError::Os {
-                    what: "writing guest memory",
-                    err: std::io::Error::other("the page writer thread panicked"),
+            let written = writer.map_or(Ok(()), |w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(MigrationError::Os {
+                        what: "writing guest memory",
+                        err: std::io::Error::other("the page writer thread panicked"),
+                    })
                 })
             });
             // The writer's failure is what stopped the reader, if both failed.
