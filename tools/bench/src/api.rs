@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::flags::Flags;
 use crate::http::{Conn, Request};
 use crate::run::Vm;
 use crate::{report, Stats};
@@ -59,7 +60,8 @@ pub struct Options {
     confinement: Option<crate::confine::Confinement>,
 }
 
-pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+/// Reads `tern-bench api`'s options; `None` for `--help`.
+pub fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut requests = 10_000usize;
     let mut clients = 8usize;
     let mut tern = None;
@@ -67,22 +69,9 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
     let mut json = None;
     let mut baseline = None;
     let mut confinement: Option<crate::confine::Confinement> = None;
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.clone(), None),
-        };
-        let value = |it: &mut dyn Iterator<Item = OsString>| -> Result<OsString, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
+    let mut args = Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value_os(&flag, &inline);
         let number = |v: OsString, min: usize, max: usize| -> Result<usize, String> {
             let s = v.to_string_lossy();
             let n: usize = s
@@ -95,14 +84,14 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--requests" => requests = number(value(&mut it)?, 100, 100_000_000)?,
-            "--clients" => clients = number(value(&mut it)?, 1, 256)?,
-            "--tern" => tern = Some(PathBuf::from(value(&mut it)?)),
-            "--unikernel" => unikernel = Some(PathBuf::from(value(&mut it)?)),
-            "--json" => json = Some(PathBuf::from(value(&mut it)?)),
-            "--baseline-tern" => baseline = Some(PathBuf::from(value(&mut it)?)),
+            "--requests" => requests = number(value()?, 100, 100_000_000)?,
+            "--clients" => clients = number(value()?, 1, 256)?,
+            "--tern" => tern = Some(PathBuf::from(value()?)),
+            "--unikernel" => unikernel = Some(PathBuf::from(value()?)),
+            "--json" => json = Some(PathBuf::from(value()?)),
+            "--baseline-tern" => baseline = Some(PathBuf::from(value()?)),
             "--seccomp-level" => {
-                let level = crate::confine::parse_level(&value(&mut it)?.to_string_lossy())?;
+                let level = crate::confine::parse_level(&value()?.to_string_lossy())?;
                 confinement
                     .get_or_insert_with(Default::default)
                     .seccomp_level = Some(level);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tern_vhost_driver::{blk, rd, scratch_dir_in, wr, Backend, BlkFrontend, Desc, QueueDriver};
 
+use crate::flags::{number, Flags};
 use crate::report::Machine;
 
 pub const USAGE: &str = "\
@@ -90,7 +91,8 @@ pub fn main(it: impl Iterator<Item = OsString>) -> Result<(), String> {
     }
 }
 
-pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+/// Reads `tern-bench blk`'s options; `None` for `--help`.
+pub fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut o = Options {
         tern_blk: PathBuf::new(),
         file: None,
@@ -104,43 +106,20 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
         cases: Vec::new(),
     };
     let mut tern_blk = None;
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<OsString, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
-        let number = |v: OsString, min: u64| -> Result<u64, String> {
-            let s = v.to_string_lossy();
-            let n: u64 = s
-                .parse()
-                .map_err(|_| format!("{flag}: '{s}' is not a number"))?;
-            if n < min {
-                return Err(format!("{flag} must be at least {min}"));
-            }
-            Ok(n)
-        };
+    let mut args = Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value_os(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--seconds" => o.seconds = number(value()?, 1)?,
-            "--size-mib" => o.size_mib = number(value()?, 16)?,
+            "--seconds" => o.seconds = number(&flag, value()?, 1)?,
+            "--size-mib" => o.size_mib = number(&flag, value()?, 16)?,
             "--tern-blk" => tern_blk = Some(PathBuf::from(value()?)),
             "--file" => o.file = Some(PathBuf::from(value()?)),
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--baseline-tern-blk" => o.baseline = Some(PathBuf::from(value()?)),
             "--no-buffered" => o.buffered = false,
             "--no-event-idx" => o.event_idx = false,
-            "--runs" => o.runs = number(value()?, 1)? as usize,
+            "--runs" => o.runs = number(&flag, value()?, 1)? as usize,
             "--case" => {
                 let k = value()?.to_string_lossy().into_owned();
                 if !CASES.iter().any(|c| c.key == k) {

@@ -1,7 +1,7 @@
 //! A subcommand's command line, one option at a time: `--flag value` or
 //! `--flag=value`.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 
 /// The arguments after the subcommand's name.
 pub struct Flags<I> {
@@ -31,15 +31,35 @@ impl<I: Iterator<Item = OsString>> Flags<I> {
     }
 
     /// The value of `flag`: `inline` (from `--flag=value`), else the next
-    /// argument.
+    /// argument (one that is not UTF-8 counts as missing).
     pub fn value(&mut self, flag: &str, inline: &Option<String>) -> Result<String, String> {
+        self.value_os(flag, inline)?
+            .into_string()
+            .map_err(|_| format!("option '{flag}' needs a value"))
+    }
+
+    /// The value of `flag` as given: `inline` (from `--flag=value`), else
+    /// the next argument, which need not be UTF-8 (a path).
+    pub fn value_os(&mut self, flag: &str, inline: &Option<String>) -> Result<OsString, String> {
         match inline {
-            Some(v) => Ok(v.clone()),
+            Some(v) => Ok(v.into()),
             None => self
                 .it
                 .next()
-                .and_then(|v| v.into_string().ok())
                 .ok_or_else(|| format!("option '{flag}' needs a value")),
         }
     }
+}
+
+/// `v`, the value of `flag`, as a number of at least `min` (a `v` that is
+/// not UTF-8 is shown lossily in the message).
+pub fn number(flag: &str, v: impl AsRef<OsStr>, min: u64) -> Result<u64, String> {
+    let s = v.as_ref().to_string_lossy();
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{flag}: '{s}' is not a number"))?;
+    if n < min {
+        return Err(format!("{flag} must be at least {min}"));
+    }
+    Ok(n)
 }

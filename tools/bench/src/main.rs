@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use flags::Flags;
 use run::{read_rss, Rss, Vm};
 
 const USAGE: &str = "\
@@ -118,7 +119,7 @@ fn real_main(args: Vec<OsString>) -> Result<(), String> {
     boot(&opts)
 }
 
-fn parse_boot(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+fn parse_boot(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut runs = 20usize;
     let mut tern = None;
     let mut unikernel = None;
@@ -126,26 +127,13 @@ fn parse_boot(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>,
     let mut linux = false;
     let mut baseline = None;
     let mut confinement: Option<confine::Confinement> = None;
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.clone(), None),
-        };
-        let value = |it: &mut dyn Iterator<Item = OsString>| -> Result<OsString, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
+    let mut args = Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value_os(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--runs" => {
-                let v = value(&mut it)?;
+                let v = value()?;
                 let s = v.to_string_lossy();
                 runs = s
                     .parse()
@@ -154,13 +142,13 @@ fn parse_boot(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>,
                     return Err(format!("--runs must be at least 10 (got {runs})"));
                 }
             }
-            "--tern" => tern = Some(PathBuf::from(value(&mut it)?)),
-            "--unikernel" => unikernel = Some(PathBuf::from(value(&mut it)?)),
-            "--json" => json = Some(PathBuf::from(value(&mut it)?)),
-            "--baseline-tern" => baseline = Some(PathBuf::from(value(&mut it)?)),
+            "--tern" => tern = Some(PathBuf::from(value()?)),
+            "--unikernel" => unikernel = Some(PathBuf::from(value()?)),
+            "--json" => json = Some(PathBuf::from(value()?)),
+            "--baseline-tern" => baseline = Some(PathBuf::from(value()?)),
             "--linux" => linux = true,
             "--seccomp-level" => {
-                let v = value(&mut it)?;
+                let v = value()?;
                 let level = confine::parse_level(&v.to_string_lossy())?;
                 confinement
                     .get_or_insert_with(Default::default)

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::flags::{number, Flags};
 use crate::http::{Conn, Request};
 use crate::{report, Stats};
 
@@ -93,20 +94,16 @@ fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> 
         baseline_only: false,
         huge: false,
     };
-    let mut args = crate::flags::Flags::new(it);
+    let mut args = Flags::new(it);
     while let Some((flag, inline, arg)) = args.next()? {
         let mut value = || args.value(&flag, &inline);
-        let number = |v: String| -> Result<u64, String> {
-            v.parse()
-                .map_err(|_| format!("{flag}: '{v}' is not a number"))
-        };
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--huge" => o.huge = true,
-            "--runs" => o.runs = number(value()?)?.max(1) as usize,
-            "--big-runs" => o.big_runs = number(value()?)?.max(1) as usize,
-            "--dirty-pages" => o.dirty_pages = number(value()?)?.clamp(1, 65536),
-            "--downtime-limit" => o.downtime_limit = number(value()?)?,
+            "--runs" => o.runs = number(&flag, value()?, 0)?.max(1) as usize,
+            "--big-runs" => o.big_runs = number(&flag, value()?, 0)?.max(1) as usize,
+            "--dirty-pages" => o.dirty_pages = number(&flag, value()?, 0)?.clamp(1, 65536),
+            "--downtime-limit" => o.downtime_limit = number(&flag, value()?, 0)?,
             "--sizes" => {
                 let v = value()?;
                 o.sizes = v

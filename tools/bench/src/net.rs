@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tern_vhost_driver::net::{feat, pkt, tso4_hdr, NetFrontend, NetOptions, HDR_LEN};
 use tern_vhost_driver::{Desc, QueueDriver};
 
+use crate::flags::{number, Flags};
 use crate::report::Machine;
 
 pub const USAGE: &str = "\
@@ -101,7 +102,8 @@ pub fn main(it: impl Iterator<Item = OsString>) -> Result<(), String> {
     }
 }
 
-pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+/// Reads `tern-bench net`'s options; `None` for `--help`.
+pub fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut o = Options {
         tern_net: PathBuf::new(),
         seconds: 5,
@@ -110,34 +112,12 @@ pub fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, 
         cases: Vec::new(),
     };
     let mut tern_net = None;
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<OsString, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
+    let mut args = Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value_os(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--seconds" => {
-                let v = value()?;
-                let s = v.to_string_lossy();
-                o.seconds = s
-                    .parse()
-                    .map_err(|_| format!("--seconds: '{s}' is not a number"))?;
-                if o.seconds < 1 {
-                    return Err("--seconds must be at least 1".into());
-                }
-            }
+            "--seconds" => o.seconds = number(&flag, value()?, 1)?,
             "--tern-net" => tern_net = Some(PathBuf::from(value()?)),
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--no-mq" => o.mq = false,

@@ -14,6 +14,7 @@ use tern_vhost_driver::scsi::{cmd_req, lun_field, rw16, REQUEST_QUEUE, REQ_SIZE,
 use tern_vhost_driver::{rd, scratch_dir_in, wr, Backend, BlkFrontend, Desc, QueueDriver};
 
 use crate::blk::{self, BenchFile, Case, DirGuard, Res, Rng, Worker};
+use crate::flags::{number, Flags};
 use crate::report::Machine;
 
 pub const USAGE: &str = "\
@@ -97,7 +98,7 @@ pub fn main(it: impl Iterator<Item = OsString>) -> Result<(), String> {
     }
 }
 
-fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
+fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> {
     let mut o = Options {
         tern_scsi: PathBuf::new(),
         tern_blk: PathBuf::new(),
@@ -109,37 +110,14 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Option<Options>, Stri
         event_idx: true,
     };
     let (mut scsi, mut blk) = (None, None);
-    while let Some(arg) = it.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("bad argument {a:?}"))?;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || -> Result<OsString, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .ok_or_else(|| format!("option '{flag}' needs a value")),
-            }
-        };
-        let number = |v: OsString, min: u64| -> Result<u64, String> {
-            let s = v.to_string_lossy();
-            let n: u64 = s
-                .parse()
-                .map_err(|_| format!("{flag}: '{s}' is not a number"))?;
-            if n < min {
-                return Err(format!("{flag} must be at least {min}"));
-            }
-            Ok(n)
-        };
+    let mut args = Flags::new(it);
+    while let Some((flag, inline, arg)) = args.next()? {
+        let mut value = || args.value_os(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--seconds" => o.seconds = number(value()?, 1)?,
-            "--runs" => o.runs = number(value()?, 1)? as usize,
-            "--size-mib" => o.size_mib = number(value()?, 16)?,
+            "--seconds" => o.seconds = number(&flag, value()?, 1)?,
+            "--runs" => o.runs = number(&flag, value()?, 1)? as usize,
+            "--size-mib" => o.size_mib = number(&flag, value()?, 16)?,
             "--tern-scsi" => scsi = Some(PathBuf::from(value()?)),
             "--tern-blk" => blk = Some(PathBuf::from(value()?)),
             "--file" => o.file = Some(PathBuf::from(value()?)),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::flags::{number, Flags};
 use crate::http::{Conn, Request};
 use crate::{report, Stats};
 
@@ -66,20 +67,12 @@ fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> 
         unikernel: None,
         json: None,
     };
-    let mut args = crate::flags::Flags::new(it);
+    let mut args = Flags::new(it);
     while let Some((flag, inline, arg)) = args.next()? {
         let mut value = || args.value(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--runs" => {
-                let v = value()?;
-                o.runs = v
-                    .parse()
-                    .map_err(|_| format!("--runs: '{v}' is not a number"))?;
-                if o.runs == 0 {
-                    return Err("--runs must be at least 1".into());
-                }
-            }
+            "--runs" => o.runs = number(&flag, value()?, 1)? as usize,
             "--sizes" => {
                 let v = value()?;
                 o.sizes = v
