@@ -60,6 +60,32 @@ fn disk_guest_snapshot(
     (vm, disk, sum, last)
 }
 
+/// A guest of `mib` MiB without devices holding a `pattern_mib` MiB
+/// memory pattern, snapshotted (Full) into `state`/`mem` after `beats`
+/// beats and killed. Returns the pattern's checksum and the last beat.
+fn pattern_guest_snapshot(
+    dir: &Scratch,
+    mib: u64,
+    pattern_mib: u64,
+    beats: u64,
+    state: &Path,
+    mem: &Path,
+) -> (u64, Beat) {
+    let mut vm = boot(
+        dir,
+        "orig",
+        None,
+        machine(mib),
+        &[],
+        &format!("action=heartbeat period=50 mempattern={pattern_mib}"),
+    );
+    let sum = pattern_sum(&vm);
+    vm.wait_beat(beats, T);
+    let last = pause_and_snapshot(&vm, "Full", state, mem);
+    vm.kill();
+    (sum, last)
+}
+
 fn restore_cli(state: &Path, mem: &Path, extra: &[&str]) -> Vm {
     let arg = format!("{},{}", state.display(), mem.display());
     let mut args = vec!["--restore", &arg];
@@ -225,18 +251,7 @@ fn a_guest_past_the_pci_hole_restores_into_its_slot_registered_ahead() {
         vm
     };
 
-    let mut vm = boot(
-        &dir,
-        "orig",
-        None,
-        machine(3072),
-        &[],
-        "action=heartbeat period=50 mempattern=64",
-    );
-    let sum = pattern_sum(&vm);
-    vm.wait_beat(3, T);
-    let last = pause_and_snapshot(&vm, "Full", &state, &mem);
-    vm.kill();
+    let (sum, last) = pattern_guest_snapshot(&dir, 3072, 64, 3, &state, &mem);
     let mut r = debug_load("r", &state, &mem);
     assert_continues(&r, &last, Some(sum), 2);
     assert!(
@@ -541,18 +556,7 @@ fn three_clones_run_at_once_on_their_own_overlays() {
 fn damaged_or_mismatched_snapshots_are_refused_and_tern_stays_usable() {
     let dir = Scratch::new("snap-bad");
     let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
-    let mut vm = boot(
-        &dir,
-        "orig",
-        None,
-        machine(64),
-        &[],
-        "action=heartbeat period=50 mempattern=8",
-    );
-    let sum = pattern_sum(&vm);
-    vm.wait_beat(2, T);
-    let last = pause_and_snapshot(&vm, "Full", &state, &mem);
-    vm.kill();
+    let (sum, last) = pattern_guest_snapshot(&dir, 64, 8, 2, &state, &mem);
     let good = std::fs::read(&state).unwrap();
 
     // A flipped byte in the body: the checksum.
