@@ -305,6 +305,8 @@ fn a_guest_dirtying_faster_than_the_link_is_throttled_or_fails_as_configured() {
     );
 }
 
+/// The guest idles as an OS does, halted between beats until its local
+/// APIC timer fires: the timer must go on firing on the destination.
 #[test]
 fn an_idle_1gib_guest_moves_within_a_50ms_downtime_limit() {
     let dir = Scratch::new("mig-idle");
@@ -314,9 +316,14 @@ fn an_idle_1gib_guest_moves_within_a_50ms_downtime_limit() {
         None,
         machine(1024),
         &[],
-        "action=heartbeat period=100",
+        "action=heartbeat period=100 idle=hlt",
     );
     src.wait_beat(2, T);
+    assert!(
+        src.output().contains("IDLE hlt lapic_per_ms="),
+        "{}",
+        src.output()
+    );
     let dst = Vm::start(Some(&dir.path("dst.sock")), &[]);
     let url = unix_url(&dir.path("mig.sock"));
     receive(&dst, &url);

@@ -131,7 +131,7 @@ void heartbeat(uint32_t period_ms, uint32_t beats, uint8_t exit_value, uint8_t e
 			if (snap)
 				snap_tick();
 			hotplug_tick();
-			delay_ms(1);
+			sleep_ms(1);
 		}
 	}
 }

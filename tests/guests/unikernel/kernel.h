@@ -31,4 +31,12 @@ int memmap_is_ram(uint64_t addr, uint64_t len);
 void delay_us(uint32_t us);
 void delay_ms(uint32_t ms);
 
+/* Sleeps ms: delay_ms, or with idle=hlt on the command line in `hlt`, woken
+ * by the local APIC timer each ms (the vCPU costs the host nothing). */
+void sleep_ms(uint32_t ms);
+
+/* Command-line key idle=poll|hlt (1 if it was that key). */
+#include <stddef.h>
+int timer_parse_key(const char *k, size_t kn, const char *v, size_t vn);
+
 #endif

@@ -274,6 +274,8 @@ static void parse_cmdline(void)
 			/* mempattern, memcheck, memfillbeat, memdirty, snapblk, netserve */
 		} else if (net_parse_key(w, kn, v, vn)) {
 			/* netip, netgw, netqueues, netudp, netport, netwait, nettimeout */
+		} else if (timer_parse_key(w, kn, v, vn)) {
+			/* idle */
 		} else if (user_parse_key(w, kn, v, vn)) {
 			/* user, userbench */
 		} else if (scsi_parse_key(w, kn, v, vn)) {

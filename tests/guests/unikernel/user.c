@@ -55,11 +55,14 @@ static uint64_t gdt[8] __attribute__((aligned(16))) = {
 	0,
 	0,
 };
-static struct idt_gate idt[32] __attribute__((aligned(16)));
+/* 0-31: the exception stubs; 32-255: irq_wake (an interrupt only ends a
+ * `hlt`, see timer.c's idle=hlt). */
+static struct idt_gate idt[256] __attribute__((aligned(16)));
 static uint8_t user_stack[USER_STACK_SIZE] __attribute__((section(".noinit.user"), aligned(4096)));
 static int ready;
 
 extern const uint64_t user_stub_table[32];
+extern char irq_wake[];
 extern uint64_t pml4[512];
 extern char user_tramp_hlt[];
 long user_enter(long (*fn)(long), long arg, uint64_t user_rsp);
@@ -141,33 +144,45 @@ static void set_user_bits(void)
 	__asm__ volatile("movq %0, %%cr3" : : "r"(cr3) : "memory");
 }
 
+static void set_gate(unsigned v, uint64_t h)
+{
+	idt[v].off0 = (uint16_t)h;
+	idt[v].sel = SEL_KCODE;
+	idt[v].ist = 0;
+	idt[v].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+	idt[v].off1 = (uint16_t)(h >> 16);
+	idt[v].off2 = (uint32_t)(h >> 32);
+	idt[v].reserved = 0;
+}
+
+void cpu_tables_load(void)
+{
+	static int loaded;
+	if (loaded)
+		return;
+	uint64_t base = (uint64_t)(uintptr_t)&user_tss, limit = sizeof(user_tss) - 1;
+	memset(&user_tss, 0, sizeof(user_tss));
+	user_tss.iomap_base = sizeof(user_tss); /* no I/O bitmap: IOPL decides */
+	gdt[6] = (limit & 0xffff) | (base & 0xffffff) << 16 | 0x89ull << 40 |
+		 ((limit >> 16) & 0xf) << 48 | ((base >> 24) & 0xff) << 56;
+	gdt[7] = base >> 32;
+	for (unsigned v = 0; v < 256; v++)
+		set_gate(v, v < 32 ? user_stub_table[v] : (uint64_t)(uintptr_t)irq_wake);
+	struct {
+		uint16_t limit;
+		uint64_t base;
+	} __attribute__((packed)) gp = { sizeof(gdt) - 1, (uint64_t)(uintptr_t)gdt },
+				  ip = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
+	__asm__ volatile("lgdt %0" : : "m"(gp) : "memory");
+	__asm__ volatile("lidt %0" : : "m"(ip) : "memory");
+	__asm__ volatile("ltr %w0" : : "r"((uint16_t)SEL_TSS) : "memory");
+	loaded = 1;
+}
+
 int user_init(void)
 {
 	if (!ready) {
-		uint64_t base = (uint64_t)(uintptr_t)&user_tss, limit = sizeof(user_tss) - 1;
-		memset(&user_tss, 0, sizeof(user_tss));
-		user_tss.iomap_base = sizeof(user_tss); /* no I/O bitmap: IOPL decides */
-		gdt[6] = (limit & 0xffff) | (base & 0xffffff) << 16 | 0x89ull << 40 |
-			 ((limit >> 16) & 0xf) << 48 | ((base >> 24) & 0xff) << 56;
-		gdt[7] = base >> 32;
-		for (unsigned v = 0; v < 32; v++) {
-			uint64_t h = user_stub_table[v];
-			idt[v].off0 = (uint16_t)h;
-			idt[v].sel = SEL_KCODE;
-			idt[v].ist = 0;
-			idt[v].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
-			idt[v].off1 = (uint16_t)(h >> 16);
-			idt[v].off2 = (uint32_t)(h >> 32);
-			idt[v].reserved = 0;
-		}
-		struct {
-			uint16_t limit;
-			uint64_t base;
-		} __attribute__((packed)) gp = { sizeof(gdt) - 1, (uint64_t)(uintptr_t)gdt },
-					  ip = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
-		__asm__ volatile("lgdt %0" : : "m"(gp) : "memory");
-		__asm__ volatile("lidt %0" : : "m"(ip) : "memory");
-		__asm__ volatile("ltr %w0" : : "r"((uint16_t)SEL_TSS) : "memory");
+		cpu_tables_load();
 		calibrate_tsc();
 		ready = 1;
 	}

@@ -21,6 +21,11 @@
  * later calls only refresh the U/S bits. 0 on success. */
 int user_init(void);
 
+/* Loads the GDT, the TSS and the IDT (once; user_init does it too). IDT
+ * vectors 32-255 all go to irq_wake, which acknowledges the local APIC and
+ * returns: an interrupt here only ends a `hlt` (timer.c, idle=hlt). */
+void cpu_tables_load(void);
+
 /* Runs fn(arg) in ring 3 (user_init first, on demand). When ring 3 is off
  * (`user=0` on the command line) it is a plain call. */
 long user_call(long (*fn)(long), long arg);

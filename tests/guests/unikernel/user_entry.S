@@ -119,6 +119,16 @@ user_stub_\vec:
 	DEFSTUB 30, 1
 	DEFSTUB 31, 0
 
+/* Vectors 32-255 (interrupts): end of interrupt to the local APIC (xAPIC
+ * at its reset address), nothing else; the `hlt` they interrupted returns. */
+	.globl irq_wake
+irq_wake:
+	pushq %rax
+	movq $0xfee000b0, %rax
+	movl $0, (%rax)
+	popq %rax
+	iretq
+
 user_trap_common:
 	pushq %rax
 	pushq %rbx

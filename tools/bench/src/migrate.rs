@@ -25,10 +25,11 @@ usage: tern-bench migrate [--runs N] [--big-runs N] [--sizes MIB,...]
                           [--transports unix,tcp,local] [--loads idle,dirty]
                           [--dirty-pages N] [--downtime-limit MS]
                           [--tern PATH] [--unikernel PATH] [--json PATH]
-                          [--baseline-only] [--huge]
+                          [--baseline-only] [--huge] [--guest-args STR]
 
 For each guest size and load, a unikernel VM (1 vCPU, heartbeat every
-1 ms) fills all of its RAM with a pattern (mempattern=all), then migrates
+1 ms, halting in between as an idle OS does: idle=hlt) fills all of its
+RAM with a pattern (mempattern=all), then migrates
 N times over each transport from one fresh tern to the next
 (keep_source, so the source's GET /migration can be read at the end).
 `dirty` adds memdirty=N new pages per beat (memdirtyspan: a window that
@@ -47,7 +48,14 @@ moves through 128-256 MiB), about 100 MB/s at the guest's beat rate.
   --baseline-only      only the raw baseline (see below)
   --huge               guest RAM of 2 MiB huge pages (machine-config
                        huge_pages 2M): the host must have reserved
-                       twice the largest size (vm.nr_hugepages)
+                       twice the largest size (vm.nr_hugepages). Every
+                       free huge page is touched once before measuring:
+                       on a host that is itself a VM the first touch of a
+                       page can cost the outer host a fault, which would
+                       slow whichever run came first
+  --guest-args STR     appended to the guest's command line (later keys
+                       win: `idle=poll` busy-waits on the PIT between
+                       beats, which keeps the vCPU's core busy)
 
 Before each guest size, raw baselines move the same number of bytes over
 each of the unix and tcp transports with a plain sender and receiver in
@@ -73,6 +81,7 @@ pub struct Options {
     json: Option<PathBuf>,
     baseline_only: bool,
     huge: bool,
+    guest_args: String,
 }
 
 fn list(v: &str) -> Vec<String> {
@@ -93,6 +102,7 @@ fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> 
         json: None,
         baseline_only: false,
         huge: false,
+        guest_args: String::new(),
     };
     let mut args = Flags::new(it);
     while let Some((flag, inline, arg)) = args.next()? {
@@ -100,6 +110,7 @@ fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> 
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--huge" => o.huge = true,
+            "--guest-args" => o.guest_args = value()?,
             "--runs" => o.runs = number(&flag, value()?, 0)?.max(1) as usize,
             "--big-runs" => o.big_runs = number(&flag, value()?, 0)?.max(1) as usize,
             "--dirty-pages" => o.dirty_pages = number(&flag, value()?, 0)?.clamp(1, 65536),
@@ -299,12 +310,15 @@ fn beat_number(l: &str) -> Option<u64> {
         .ok()
 }
 
-fn cmdline(size: u64, load: &str, pages: u64) -> String {
-    let mut s = "action=heartbeat period=1 mempattern=all memcheck=0".to_string();
+fn cmdline(size: u64, load: &str, pages: u64, extra: &str) -> String {
+    let mut s = "action=heartbeat period=1 idle=hlt mempattern=all memcheck=0".to_string();
     if load == "dirty" {
         // A window moving through a quarter of RAM, at most 256 MiB.
         let span = (size / 4).min(256) * 256;
         write!(s, " memdirty={pages} memdirtyspan={span}").unwrap();
+    }
+    if !extra.is_empty() {
+        write!(s, " {extra}").unwrap();
     }
     s
 }
@@ -320,7 +334,7 @@ fn boot(o: &Options, uk: &Path, work: &Path, size: u64, load: &str) -> Result<(P
     )?;
     p.put(
         "/boot-source",
-        &json!({"kernel_image_path": uk, "boot_args": cmdline(size, load, o.dirty_pages)}),
+        &json!({"kernel_image_path": uk, "boot_args": cmdline(size, load, o.dirty_pages, &o.guest_args)}),
     )?;
     let t0 = Instant::now();
     p.put("/actions", &json!({"action_type": "InstanceStart"}))?;
@@ -455,6 +469,7 @@ fn run(o: &Options) -> Result<(), String> {
         sizes: o.sizes.clone(),
         unikernel: o.unikernel.clone(),
         json: o.json.clone(),
+        guest_args: o.guest_args.clone(),
         ..*o
     };
     let uk = match &o.unikernel {
@@ -465,6 +480,9 @@ fn run(o: &Options) -> Result<(), String> {
     let work = std::env::temp_dir().join(format!("tern-bench-mig-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    if o.huge {
+        warm_huge_pages()?;
+    }
     let mut rows = Vec::new();
     let mut seq = 1;
     let result = (|| -> Result<(), String> {
@@ -719,6 +737,58 @@ impl Drop for Mapping {
 
 // SAFETY: the mapping is plain memory owned by the value.
 unsafe impl Send for Mapping {}
+
+/// Touches every free 2 MiB huge page once (a byte each: the kernel clears
+/// the whole page) and reports how fast that went. Pages the kernel has
+/// just reserved may never have been touched; where this host is a VM
+/// whose memory the outer host hands out on first touch (seen here: 0.4
+/// GB/s first, 8 GB/s after), the first migration would pay for it.
+fn warm_huge_pages() -> Result<(), String> {
+    const HUGE: usize = 2 << 20;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| e.to_string())?;
+    let free = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if free == 0 {
+        return Err("--huge: no free huge pages (raise vm.nr_hugepages)".into());
+    }
+    let len = free * HUGE;
+    // SAFETY: a fresh mapping of `len` bytes that overlaps nothing.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!(
+            "--huge: mapping {free} huge pages: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let map = Mapping {
+        ptr: ptr.cast(),
+        len,
+    };
+    let t = Instant::now();
+    for at in (0..len).step_by(HUGE) {
+        // SAFETY: inside the mapping; a volatile write so it happens.
+        unsafe { map.ptr.add(at).write_volatile(1) };
+    }
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "  huge pages: touched the {free} free ones first ({:.2} s, {:.2} GB/s)",
+        secs,
+        len as f64 / secs / 1e9
+    );
+    Ok(())
+}
 
 /// Chunk of the baseline's reads and writes: tern's migration moves pages
 /// in batches of 4 MiB.
