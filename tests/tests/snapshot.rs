@@ -125,6 +125,8 @@ fn cp_sparse(from: &Path, to: &Path) {
     assert!(st.success(), "cp {} {}", from.display(), to.display());
 }
 
+/// The guest halts between polls until its local APIC timer fires
+/// (`idle=hlt`): each restored VM beats only if the timer came back too.
 #[test]
 fn heartbeat_and_64mib_pattern_continue_in_a_new_process() {
     let dir = Scratch::new("snap-hb");
@@ -135,7 +137,7 @@ fn heartbeat_and_64mib_pattern_continue_in_a_new_process() {
         None,
         machine(128),
         &[],
-        "action=heartbeat period=50 mempattern=64",
+        "action=heartbeat period=50 mempattern=64 idle=hlt",
     );
     let sum = pattern_sum(&vm);
     let b = vm.wait_beat(3, T);
