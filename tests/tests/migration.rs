@@ -844,6 +844,108 @@ fn a_huge_page_guest_migrates_with_its_pattern_and_dirty_pages() {
     assert!(after.iter().any(|b| b.mem == Some(sum)), "{after:?}");
 }
 
+/// Shared memory (the guest's memfd) a process has mapped, from
+/// /proc/PID/status, in bytes.
+fn rss_shmem(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("RssShmem in /proc/PID/status");
+    kib << 10
+}
+
+/// A destination that allocated its memory ahead (`prealloc`) holds it
+/// all before the source connects and takes the VM into it; one prepared
+/// for another size allocates anew. Either way the pattern and the pages
+/// rewritten at every beat arrive whole.
+#[test]
+fn a_destination_with_memory_allocated_ahead_takes_the_vm_into_it() {
+    let dir = Scratch::new("mig-prealloc");
+    let mut src = boot(
+        &dir,
+        "src",
+        None,
+        machine(128),
+        &[],
+        "action=heartbeat period=5 mempattern=16 memcheck=20 memdirty=64",
+    );
+    let sum = pattern_sum(&src);
+    src.wait_beat(10, T);
+    // More than the host has, of either page size: refused with the
+    // reason, and nothing held.
+    let probe = Vm::start(Some(&dir.path("probe.sock")), &[]);
+    for huge in ["None", "2M"] {
+        probe.expect(
+            "PUT",
+            "/machine-config",
+            Some(
+                &json!({ "vcpu_count": 1, "mem_size_mib": 1 << 20, "huge_pages": huge })
+                    .to_string(),
+            ),
+            204,
+        );
+        let url = unix_url(&dir.path(&format!("probe-{huge}.mig")));
+        let msg = probe.refused(
+            "PUT",
+            "/migration/receive",
+            Some(&json!({ "url": url, "prealloc": true }).to_string()),
+        );
+        assert!(
+            msg.contains("MemAvailable") || msg.contains("huge pages"),
+            "{msg}"
+        );
+        assert!(
+            rss_shmem(probe.pid()) < 16 << 20,
+            "{huge}: memory held after a refusal"
+        );
+    }
+    drop(probe);
+    for (name, prepared_mib) in [("dst1", 128u64), ("dst2", 64)] {
+        let dst = Vm::start(Some(&dir.path(&format!("{name}.sock"))), &[]);
+        dst.expect(
+            "PUT",
+            "/machine-config",
+            Some(&json!({ "vcpu_count": 1, "mem_size_mib": prepared_mib }).to_string()),
+            204,
+        );
+        let url = unix_url(&dir.path(&format!("{name}.mig")));
+        dst.expect(
+            "PUT",
+            "/migration/receive",
+            Some(&json!({ "url": url, "prealloc": true }).to_string()),
+            204,
+        );
+        // Allocated and mapped before the answer, not when pages come.
+        let held = rss_shmem(dst.pid());
+        assert!(
+            held >= prepared_mib << 20,
+            "{name}: {held} bytes of shared memory mapped after the answer"
+        );
+        send(&src, json!({ "url": url }));
+        assert_source_exited(&mut src);
+        let before = src.last_beat().unwrap();
+        let m = wait_status(&dst, &["completed", "failed"], T);
+        assert_eq!(m["status"], "completed", "{m}\n{}", dst.output());
+        let after = assert_continues(&dst, &before, Some(sum), 30);
+        assert!(after.iter().all(|b| b.dirty_ok == Some(true)), "{after:?}");
+        assert!(after.iter().any(|b| b.mem == Some(sum)), "{after:?}");
+        let log = dst.stderr();
+        if prepared_mib == 128 {
+            assert!(log.contains("into the memory allocated ahead"), "{log}");
+        } else {
+            assert!(
+                log.contains("does not fit the VM (128 MiB): allocating anew"),
+                "{log}"
+            );
+        }
+        // The destination is the next source.
+        drop(std::mem::replace(&mut src, dst));
+    }
+}
+
 /// One dirty-rate measurement over `period` s: (MB/s, beats seen meanwhile
 /// per second of wall time).
 fn measure_dirty_rate(vm: &Vm, period: u64) -> (f64, f64) {

@@ -211,7 +211,7 @@ impl Controller {
         }
         match request {
             ApiRequest::MigrationSend(p) => return self.start_send(p),
-            ApiRequest::MigrationReceive(url) => return self.start_receive(&url),
+            ApiRequest::MigrationReceive(r) => return self.start_receive(&r.url, r.prealloc),
             ApiRequest::PutDirtyRate(r) => {
                 let Some(vmm) = self.vmm.as_mut() else {
                     return Err(ApiError::bad_request("dirty-rate: the VM is not started"));
@@ -287,8 +287,9 @@ impl Controller {
     }
 
     /// `PUT /migration/receive` (and `--migrate-from`): listens, then takes
-    /// the VM on a migration thread.
-    pub fn start_receive(&mut self, url: &str) -> Result<ApiResponse, ApiError> {
+    /// the VM on a migration thread. With `prealloc` the memory that the
+    /// pre-boot machine-config describes is allocated before the answer.
+    pub fn start_receive(&mut self, url: &str, prealloc: bool) -> Result<ApiResponse, ApiError> {
         if self.vmm.is_some() {
             return Err(ApiError::bad_request(
                 "migration/receive: this tern already runs a VM",
@@ -298,6 +299,18 @@ impl Controller {
             Listener::bind(url)
                 .map_err(|e| ApiError::bad_request(format!("migration/receive: {e}")))?,
         );
+        let prepared = if prealloc {
+            let m = &self.pending.machine_config;
+            Some(
+                crate::migration::PreparedRam::allocate(
+                    m.mem_size_mib,
+                    m.huge_pages == crate::config::HugePages::Huge2M,
+                )
+                .map_err(|e| ApiError::bad_request(format!("migration/receive: {e}")))?,
+            )
+        } else {
+            None
+        };
         let shared: SharedMigration = Arc::default();
         // Reported at once: GET /migration right after this answer must
         // already show the destination waiting.
@@ -319,7 +332,7 @@ impl Controller {
         std::thread::Builder::new()
             .name("migration-recv".into())
             .spawn(move || {
-                let _ = tx.send(crate::migration::receive(&l, serial, &exit, &s));
+                let _ = tx.send(crate::migration::receive(&l, prepared, serial, &exit, &s));
                 let _ = evt.write(1);
             })
             .map_err(|e| ApiError::internal(format!("migration/receive: {e}")))?;

@@ -96,7 +96,7 @@ fn run(opts: RunOptions) -> ExitCode {
         }
     }
     if let Some(url) = &opts.migrate_from {
-        if let Err(e) = controller.start_receive(url) {
+        if let Err(e) = controller.start_receive(url, false) {
             return fail(e.message, server.as_ref());
         }
     }

@@ -25,7 +25,8 @@ usage: tern-bench migrate [--runs N] [--big-runs N] [--sizes MIB,...]
                           [--transports unix,tcp,local] [--loads idle,dirty]
                           [--dirty-pages N] [--downtime-limit MS]
                           [--tern PATH] [--unikernel PATH] [--json PATH]
-                          [--baseline-only] [--huge] [--guest-args STR]
+                          [--baseline-only] [--huge] [--prealloc]
+                          [--guest-args STR]
 
 For each guest size and load, a unikernel VM (1 vCPU, heartbeat every
 1 ms, halting in between as an idle OS does: idle=hlt) fills all of its
@@ -53,6 +54,10 @@ moves through 128-256 MiB), about 100 MB/s at the guest's beat rate.
                        on a host that is itself a VM the first touch of a
                        page can cost the outer host a fault, which would
                        slow whichever run came first
+  --prealloc           destinations allocate their memory before the
+                       source connects (machine-config, then
+                       migration/receive with prealloc): the migration no
+                       longer pays for the host allocating each page
   --guest-args STR     appended to the guest's command line (later keys
                        win: `idle=poll` busy-waits on the PIT between
                        beats, which keeps the vCPU's core busy)
@@ -81,6 +86,7 @@ pub struct Options {
     json: Option<PathBuf>,
     baseline_only: bool,
     huge: bool,
+    prealloc: bool,
     guest_args: String,
 }
 
@@ -102,6 +108,7 @@ fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> 
         json: None,
         baseline_only: false,
         huge: false,
+        prealloc: false,
         guest_args: String::new(),
     };
     let mut args = Flags::new(it);
@@ -110,6 +117,7 @@ fn parse(it: impl Iterator<Item = OsString>) -> Result<Option<Options>, String> 
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--huge" => o.huge = true,
+            "--prealloc" => o.prealloc = true,
             "--guest-args" => o.guest_args = value()?,
             "--runs" => o.runs = number(&flag, value()?, 0)?.max(1) as usize,
             "--big-runs" => o.big_runs = number(&flag, value()?, 0)?.max(1) as usize,
@@ -323,15 +331,17 @@ fn cmdline(size: u64, load: &str, pages: u64, extra: &str) -> String {
     s
 }
 
+/// The guests' machine-config.
+fn machine_config(o: &Options, size: u64) -> serde_json::Value {
+    json!({"vcpu_count": 1, "mem_size_mib": size,
+           "huge_pages": if o.huge { "2M" } else { "None" }})
+}
+
 /// Boots the first source and waits for its pattern; returns it and the
 /// guest's beat interval (ms, median of 50).
 fn boot(o: &Options, uk: &Path, work: &Path, size: u64, load: &str) -> Result<(Proc, f64), String> {
     let mut p = Proc::spawn(&o.tern, &work.join("vm-0.sock"))?;
-    p.put(
-        "/machine-config",
-        &json!({"vcpu_count": 1, "mem_size_mib": size,
-                "huge_pages": if o.huge { "2M" } else { "None" }}),
-    )?;
+    p.put("/machine-config", &machine_config(o, size))?;
     p.put(
         "/boot-source",
         &json!({"kernel_image_path": uk, "boot_args": cmdline(size, load, o.dirty_pages, &o.guest_args)}),
@@ -367,6 +377,9 @@ struct Sample {
     /// bytes / total time, GB/s.
     gbps: f64,
     max_throttle: u64,
+    /// How long the destination's PUT /migration/receive took (with
+    /// --prealloc: allocating its memory), ms.
+    setup_ms: f64,
 }
 
 /// Moves the VM from `src` to a fresh tern; returns that tern.
@@ -376,13 +389,26 @@ fn migrate(
     work: &Path,
     seq: usize,
     transport: &str,
+    size: u64,
 ) -> Result<(Proc, Sample), String> {
     let mut dst = Proc::spawn(&o.tern, &work.join(format!("vm-{seq}.sock")))?;
     let url = match transport {
         "tcp" => format!("tcp:127.0.0.1:{}", 17000 + seq % 1000),
         _ => format!("unix:{}", work.join(format!("mig-{seq}.sock")).display()),
     };
-    dst.put("/migration/receive", &json!({ "url": url }))?;
+    // With --prealloc the destination allocates its memory before it
+    // answers, as one prepared ahead would have (not with `local`, which
+    // takes the source's memory).
+    let prealloc = o.prealloc && transport != "local";
+    if prealloc {
+        dst.put("/machine-config", &machine_config(o, size))?;
+    }
+    let setup = Instant::now();
+    dst.put(
+        "/migration/receive",
+        &json!({ "url": url, "prealloc": prealloc }),
+    )?;
+    let setup_ms = setup.elapsed().as_secs_f64() * 1e3;
     // The source's last beat so far: still its last if the migration is
     // over before it prints another (a local one takes 2-3 ms).
     let before = src.last_beat()?;
@@ -440,6 +466,7 @@ fn migrate(
         bytes,
         gbps: bytes as f64 / (total_ms / 1e3) / 1e9,
         max_throttle,
+        setup_ms,
     };
     src.kill();
     Ok((dst, s))
@@ -531,16 +558,17 @@ fn run(o: &Options) -> Result<(), String> {
                 for t in &o.transports {
                     let mut samples = Vec::new();
                     for _ in 0..runs {
-                        let (next, s) = migrate(&o, &mut cur, &work, seq, t)?;
+                        let (next, s) = migrate(&o, &mut cur, &work, seq, t, size)?;
                         seq += 1;
                         eprintln!(
-                            "    {t}: total {:.1} ms, downtime {:.2} ms, beat gap {:.2} ms, {} rounds, {} MiB, {:.2} GB/s{}",
+                            "    {t}: total {:.1} ms, downtime {:.2} ms, beat gap {:.2} ms, {} rounds, {} MiB, {:.2} GB/s, receive set up in {:.1} ms{}",
                             s.total_ms,
                             s.downtime_ms,
                             s.beat_gap_ms,
                             s.rounds,
                             s.bytes >> 20,
                             s.gbps,
+                            s.setup_ms,
                             if s.max_throttle > 0 {
                                 format!(", throttle {}%", s.max_throttle)
                             } else {
@@ -566,7 +594,7 @@ fn run(o: &Options) -> Result<(), String> {
     })();
     let _ = std::fs::remove_dir_all(&work);
     result?;
-    print!("{}", table(&machine, &rows));
+    print!("{}", table(&machine, &rows, &o));
     if let Some(path) = &o.json {
         std::fs::write(
             path,
@@ -577,12 +605,24 @@ fn run(o: &Options) -> Result<(), String> {
     Ok(())
 }
 
-fn table(machine: &report::Machine, rows: &[Row]) -> String {
+fn table(machine: &report::Machine, rows: &[Row], o: &Options) -> String {
     let mut s = String::new();
     writeln!(s, "tern-bench migrate — {}", machine.summary()).unwrap();
     writeln!(
         s,
-        "medians (min-max); RAM all data (mempattern=all); 1 ms heartbeat; keep_source"
+        "medians (min-max); RAM all data (mempattern=all); 1 ms heartbeat; keep_source; \
+         {} pages{}{}",
+        if o.huge { "2 MiB" } else { "4 KiB" },
+        if o.prealloc {
+            "; destination memory allocated ahead"
+        } else {
+            ""
+        },
+        if o.guest_args.is_empty() {
+            String::new()
+        } else {
+            format!("; guest args '{}'", o.guest_args)
+        },
     )
     .unwrap();
     writeln!(
@@ -687,6 +727,7 @@ fn to_json(machine: &report::Machine, rows: &[Row]) -> Value {
                 "bytes_sent": s.bytes,
                 "gb_per_s": s.gbps,
                 "max_throttle_percent": s.max_throttle,
+                "receive_setup_ms": s.setup_ms,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

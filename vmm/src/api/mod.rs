@@ -50,8 +50,8 @@ pub enum ApiRequest {
     LoadSnapshot(request::snapshot::LoadSnapshot),
     /// `PUT /migration/send`
     MigrationSend(crate::migration::SendParams),
-    /// `PUT /migration/receive` (the URL to listen on)
-    MigrationReceive(String),
+    /// `PUT /migration/receive` (the URL to listen on, memory ahead or not)
+    MigrationReceive(request::migration::ReceiveRequest),
     /// `GET /migration`
     GetMigration,
     /// `DELETE /migration` or `PUT /migration/cancel`

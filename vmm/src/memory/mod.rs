@@ -7,7 +7,10 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::machine::layout::{HIGH_RAM_START, LOW_RAM_END, RAM_START};
 
@@ -50,6 +53,22 @@ pub enum MemoryError {
     /// The regions did not form a valid guest memory.
     #[error("invalid guest memory layout: {0}")]
     Layout(String),
+    /// More memory asked for ahead than the host has available.
+    #[error("allocating {needed} MiB ahead needs that much available memory, the host has {available} MiB (MemAvailable)")]
+    NotAvailable {
+        /// MiB asked for.
+        needed: u64,
+        /// MiB available.
+        available: u64,
+    },
+    /// Populating the memory failed (not enough memory or huge pages).
+    #[error("cannot allocate all {size} bytes of guest memory ahead: {err}")]
+    Prealloc {
+        /// RAM size.
+        size: u64,
+        /// The OS error.
+        err: std::io::Error,
+    },
 }
 
 /// What guest RAM is mapped from.
@@ -84,6 +103,29 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
+    /// Allocates and clears every page now, as if written
+    /// (MADV_POPULATE_WRITE on each region), so that later writes find
+    /// the page there: no allocation, no fault, and on a host that is
+    /// itself a VM no first touch of fresh memory either.
+    pub fn preallocate(&self) -> Result<(), MemoryError> {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        for r in self.memory.iter() {
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| MemoryError::Layout(e.to_string()))?;
+            // SAFETY: the region's whole mapping, which `self` owns;
+            // populating changes no byte that is already there.
+            let rc = unsafe { libc::madvise(host.cast(), r.len() as usize, MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                return Err(MemoryError::Prealloc {
+                    size: self.size,
+                    err: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until a lazy restore has brought every page of its snapshot
     /// in (at once when there is none): a snapshot or migration must not
     /// read memory the fill has not reached, which would look like holes.
@@ -286,6 +328,28 @@ fn map_ram(file: File, size: u64, huge: bool, backing: Backing) -> Result<GuestR
 }
 
 /// Fails unless the host has `needed` free 2 MiB huge pages.
+/// Refuses to allocate `mib` MiB ahead when the host's MemAvailable is
+/// less: populating more than that would wake the OOM killer rather than
+/// fail. Huge pages are reserved apart and checked when created.
+pub fn check_available(mib: u64) -> Result<(), MemoryError> {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib >> 10);
+    match available {
+        Some(available) if available < mib => Err(MemoryError::NotAvailable {
+            needed: mib,
+            available,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn check_free_huge_pages(needed: u64) -> Result<(), MemoryError> {
     let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
         .ok()

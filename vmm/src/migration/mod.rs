@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-pub use receive::{receive, Listener};
+pub use receive::{receive, Listener, PreparedRam};
 pub use send::{send, Outcome, SendParams};
 pub use stream::{MigrationUrl, Stream};
 

@@ -39,6 +39,31 @@ impl Listener {
     }
 }
 
+/// Guest memory allocated before the source came (`prealloc`), used if
+/// the incoming VM has that much memory of that page size.
+pub struct PreparedRam {
+    ram: memory::GuestRam,
+    huge: bool,
+}
+
+impl PreparedRam {
+    /// Creates `mib` MiB of guest memory (of 2 MiB pages when `huge`) and
+    /// allocates every page of it.
+    pub fn allocate(mib: u64, huge: bool) -> Result<Self, memory::MemoryError> {
+        let t = Instant::now();
+        if !huge {
+            memory::check_available(mib)?;
+        }
+        let ram = memory::create_guest_ram(mib, huge)?;
+        ram.preallocate()?;
+        log::info!(
+            "incoming migration: {mib} MiB allocated ahead in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(Self { ram, huge })
+    }
+}
+
 fn refuse(stream: &mut Stream, reason: String) -> MigrationError {
     let _ = protocol::send(
         stream,
@@ -77,6 +102,7 @@ fn check_host(config: &VmConfig, features: &[u32]) -> Result<(), String> {
 /// On any error nothing is left behind (backends stopped, memory freed).
 pub fn receive(
     listener: &Listener,
+    prepared: Option<PreparedRam>,
     serial: SerialOutput,
     exit: &ExitSender,
     shared: &SharedMigration,
@@ -85,7 +111,7 @@ pub fn receive(
         s.role = "destination";
         s.status = "setup";
     });
-    let result = run(listener, serial, exit, shared);
+    let result = run(listener, prepared, serial, exit, shared);
     shared.set_stream(None);
     match &result {
         Ok(_) => shared.update(|s| s.status = "completed"),
@@ -109,6 +135,7 @@ pub fn receive(
 
 fn run(
     listener: &Listener,
+    prepared: Option<PreparedRam>,
     serial: SerialOutput,
     exit: &ExitSender,
     shared: &SharedMigration,
@@ -173,15 +200,29 @@ fn run(
     config.machine_config.track_dirty_pages = false;
 
     let huge = config.machine_config.huge_pages == crate::config::HugePages::Huge2M;
-    let ram = if local {
-        protocol::send(&mut stream, &Frame::Ready)?;
-        let file = stream.recv_fd()?;
-        memory::ram_from_memfd(file, mem_size)
-    } else {
-        memory::create_guest_ram(
-            config.machine_config.mem_size_mib,
-            config.machine_config.huge_pages == crate::config::HugePages::Huge2M,
-        )
+    let ram = match prepared {
+        _ if local => {
+            protocol::send(&mut stream, &Frame::Ready)?;
+            let file = stream.recv_fd()?;
+            memory::ram_from_memfd(file, mem_size)
+        }
+        Some(p) if p.ram.size == mem_size && p.huge == huge => {
+            log::info!("incoming migration: into the memory allocated ahead");
+            Ok(p.ram)
+        }
+        other => {
+            if let Some(p) = other {
+                log::info!(
+                    "incoming migration: the memory allocated ahead ({} MiB{}) does not fit \
+                     the VM ({} MiB{}): allocating anew",
+                    p.ram.size >> 20,
+                    if p.huge { " of huge pages" } else { "" },
+                    mem_size >> 20,
+                    if huge { " of huge pages" } else { "" },
+                );
+            }
+            memory::create_guest_ram(config.machine_config.mem_size_mib, huge)
+        }
     };
     let ram = match ram {
         Ok(r) => r,

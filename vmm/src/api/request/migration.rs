@@ -20,19 +20,26 @@ pub fn parse_send(body: &[u8]) -> Result<SendParams, ApiError> {
     Ok(p)
 }
 
-#[derive(Deserialize)]
+/// `PUT /migration/receive`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReceiveBody {
-    url: String,
+pub struct ReceiveRequest {
+    /// Where to listen: `unix:PATH` or `tcp:HOST:PORT`.
+    pub url: String,
+    /// Allocate the memory of the pre-boot machine-config now, before the
+    /// source connects (as QEMU's `-mem-prealloc` on a destination).
+    #[serde(default)]
+    pub prealloc: bool,
 }
 
-/// Parses `PUT /migration/receive`: the URL to listen on.
-pub fn parse_receive(body: &[u8]) -> Result<String, ApiError> {
-    let b: ReceiveBody = parse_body("migration/receive", body)?;
+/// Parses `PUT /migration/receive`: the URL to listen on, and whether to
+/// allocate the guest's memory ahead.
+pub fn parse_receive(body: &[u8]) -> Result<ReceiveRequest, ApiError> {
+    let b: ReceiveRequest = parse_body("migration/receive", body)?;
     b.url
         .parse::<crate::migration::MigrationUrl>()
         .map_err(|e| ApiError::bad_request(format!("migration/receive: {e}")))?;
-    Ok(b.url)
+    Ok(b)
 }
 
 /// Parses `PUT /dirty-rate`.
@@ -54,10 +61,11 @@ mod tests {
         assert!(parse_send(br#"{"url":"ftp://x"}"#).is_err());
         assert!(parse_send(br#"{"url":"unix:/m","downtime_limit_ms":0}"#).is_err());
         assert!(parse_send(br#"{"url":"unix:/m","bogus":1}"#).is_err());
-        assert_eq!(
-            parse_receive(br#"{"url":"tcp:0.0.0.0:7000"}"#).unwrap(),
-            "tcp:0.0.0.0:7000"
-        );
+        let r = parse_receive(br#"{"url":"tcp:0.0.0.0:7000"}"#).unwrap();
+        assert_eq!((r.url.as_str(), r.prealloc), ("tcp:0.0.0.0:7000", false));
+        let r = parse_receive(br#"{"url":"unix:/m","prealloc":true}"#).unwrap();
+        assert!(r.prealloc);
+        assert!(parse_receive(br#"{"url":"unix:/m","prealloc":1}"#).is_err());
         assert!(parse_receive(br#"{"url":"tcp:x"}"#).is_err());
         assert_eq!(
             parse_dirty_rate(br#"{"calc_period_s":3}"#)
