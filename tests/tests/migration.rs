@@ -735,16 +735,7 @@ fn bad_or_incompatible_streams_are_refused_and_the_destination_stays_usable() {
 #[test]
 fn local_migration_passes_the_memory_and_keeps_the_counter_with_near_zero_downtime() {
     let dir = Scratch::new("mig-local");
-    let mut src = boot(
-        &dir,
-        "src",
-        None,
-        machine(256),
-        &[],
-        "action=heartbeat period=5 mempattern=16 memcheck=20 memdirty=64",
-    );
-    let sum = pattern_sum(&src);
-    src.wait_beat(10, T);
+    let (mut src, sum) = dirtying_source(&dir, machine(256));
     // local needs a Unix socket.
     send(&src, json!({ "url": "tcp:127.0.0.1:1", "local": true }));
     let m = wait_status(&src, &["failed", "completed"], T);
@@ -820,16 +811,10 @@ impl Drop for HugePages {
 fn a_huge_page_guest_migrates_with_its_pattern_and_dirty_pages() {
     let _huge = HugePages::reserve(2 * 64);
     let dir = Scratch::new("mig-huge");
-    let mut src = boot(
+    let (mut src, sum) = dirtying_source(
         &dir,
-        "src",
-        None,
         json!({ "vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M" }),
-        &[],
-        "action=heartbeat period=5 mempattern=16 memcheck=20 memdirty=64",
     );
-    let sum = pattern_sum(&src);
-    src.wait_beat(10, T);
     let dst = Vm::start(Some(&dir.path("dst.sock")), &[]);
     let url = unix_url(&dir.path("mig.sock"));
     receive(&dst, &url);
@@ -864,16 +849,7 @@ fn rss_shmem(pid: u32) -> u64 {
 #[test]
 fn a_destination_with_memory_allocated_ahead_takes_the_vm_into_it() {
     let dir = Scratch::new("mig-prealloc");
-    let mut src = boot(
-        &dir,
-        "src",
-        None,
-        machine(128),
-        &[],
-        "action=heartbeat period=5 mempattern=16 memcheck=20 memdirty=64",
-    );
-    let sum = pattern_sum(&src);
-    src.wait_beat(10, T);
+    let (mut src, sum) = dirtying_source(&dir, machine(128));
     // More than the host has, of either page size: refused with the
     // reason, and nothing held.
     let probe = Vm::start(Some(&dir.path("probe.sock")), &[]);
@@ -944,6 +920,22 @@ fn a_destination_with_memory_allocated_ahead_takes_the_vm_into_it() {
         // The destination is the next source.
         drop(std::mem::replace(&mut src, dst));
     }
+}
+
+/// A source of `machine` holding a 16 MiB pattern and rewriting 64 pages
+/// at every 5 ms beat, 10 beats in; with the pattern's checksum.
+fn dirtying_source(dir: &Scratch, machine: Value) -> (Vm, u64) {
+    let src = boot(
+        dir,
+        "src",
+        None,
+        machine,
+        &[],
+        "action=heartbeat period=5 mempattern=16 memcheck=20 memdirty=64",
+    );
+    let sum = pattern_sum(&src);
+    src.wait_beat(10, T);
+    (src, sum)
 }
 
 /// One dirty-rate measurement over `period` s: (MB/s, beats seen meanwhile

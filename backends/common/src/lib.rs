@@ -1,5 +1,6 @@
 //! Startup code shared by the tern vhost-user backends (`tern-blk`,
-//! `tern-net`): the listening socket, signal handling and the stderr logger.
+//! `tern-net`, `tern-scsi`): the listening socket, signal handling, the
+//! stderr logger and the shape of `main` around set-up and serving.
 
 use std::io::{self, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -186,6 +187,52 @@ pub fn command_line() -> Option<Vec<std::ffi::OsString>> {
             .map(|a| std::ffi::OsString::from_vec(a.to_vec())),
     );
     Some(args)
+}
+
+/// The rest of a backend's `main` once its arguments are parsed and its
+/// logger is set: the seccomp filters prepared, `setup` (exit status 2 if
+/// either fails, said on stderr), every thread filtered, `serve` (exit
+/// status 1 on error, logged), and the metrics logged on the way out.
+pub fn serve_main<S, M, SE, RE>(
+    name: &'static str,
+    seccomp_level: tern_seccomp::Level,
+    setup: impl FnOnce() -> Result<S, SE>,
+    metrics: impl FnOnce(&S) -> M,
+    serve: impl FnOnce(S) -> Result<(), RE>,
+) -> std::process::ExitCode
+where
+    M: std::fmt::Display,
+    SE: std::fmt::Display,
+    RE: std::fmt::Display,
+{
+    use std::process::ExitCode;
+    if let Err(e) = tern_seccomp::init(name, seccomp_level) {
+        eprintln!("{name}: {e}");
+        return ExitCode::from(2);
+    }
+    let setup = match setup() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Every thread so far (main, signals) and every thread started later
+    // (the vhost-user request thread, the queue workers) is filtered.
+    if let Err(e) = tern_seccomp::enter_all_threads("main") {
+        eprintln!("{name}: {e}");
+        return ExitCode::from(2);
+    }
+    let metrics = metrics(&setup);
+    let code = match serve(setup) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    };
+    log::info!("exiting; {metrics}");
+    code
 }
 
 #[cfg(test)]

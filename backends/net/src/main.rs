@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use log::{debug, error, info, warn, LevelFilter};
+use log::{debug, info, warn, LevelFilter};
 use tern_backend_common::{init_logger, listen, ListenError, Signals};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -134,33 +134,13 @@ fn main() -> ExitCode {
     };
     let args = Args::parse_from(command_line);
     init_logger("tern-net", args.log_level);
-    if let Err(e) = tern_seccomp::init("tern-net", args.seccomp_level) {
-        eprintln!("tern-net: {e}");
-        return ExitCode::from(2);
-    }
-    let setup = match Setup::new(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("tern-net: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // Every thread so far (main, signals) and every thread started later
-    // (the vhost-user request thread, the queue workers) is filtered.
-    if let Err(e) = tern_seccomp::enter_all_threads("main") {
-        eprintln!("tern-net: {e}");
-        return ExitCode::from(2);
-    }
-    let metrics = setup.metrics.clone();
-    let code = match setup.serve() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::from(1)
-        }
-    };
-    info!("exiting; {metrics}");
-    code
+    tern_backend_common::serve_main(
+        "tern-net",
+        args.seccomp_level,
+        || Setup::new(&args),
+        |s| s.metrics.clone(),
+        Setup::serve,
+    )
 }
 
 /// Everything opened and checked before serving.

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use log::{debug, error, info, warn};
+use log::{debug, info, warn};
 use tern_backend_common::{init_logger, listen, ListenError, Signals};
 use tern_image::Format;
 use tern_scsi::backend::ScsiBackend;
@@ -72,32 +72,13 @@ enum RunError {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logger("tern-scsi", args.log_level);
-    if let Err(e) = tern_seccomp::init("tern-scsi", args.seccomp_level) {
-        eprintln!("tern-scsi: {e}");
-        return ExitCode::from(2);
-    }
-    let setup = match Setup::new(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("tern-scsi: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // Every thread so far (main, signals) and every thread started later
-    // (the vhost-user request thread, the queue workers) is filtered.
-    if let Err(e) = tern_seccomp::enter_all_threads("main") {
-        eprintln!("tern-scsi: {e}");
-        return ExitCode::from(2);
-    }
-    let metrics = setup.metrics.clone();
-    let code = match setup.serve() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::from(1)
-        }
-    };
-    info!("exiting; {metrics}");
+    let code = tern_backend_common::serve_main(
+        "tern-scsi",
+        args.seccomp_level,
+        || Setup::new(&args),
+        |s| s.metrics.clone(),
+        Setup::serve,
+    );
     if let Some(c) = &args.control {
         let _ = std::fs::remove_file(c);
     }
