@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{require_kvm, run_with_deadline, tern_bin, Run, UNIKERNEL};
+use common::{require_kvm, run_with_deadline, tern_bin, wait_child, Run, UNIKERNEL};
 
 const UID: u32 = 12345;
 const GID: u32 = 12345;
@@ -365,7 +365,7 @@ fn jailed_tern_boots_with_a_jailed_disk_and_nic_and_sees_only_its_jail() {
             (seen, backends, pinged)
         }
     });
-    let run = wait_run(child, Duration::from_secs(240));
+    let (run, _) = wait_child(child, Duration::from_secs(240));
     done.store(true, Ordering::Relaxed);
     let (seen, backends, pinged) = watcher.join().unwrap();
     remove_cgroup(&id);
@@ -437,39 +437,6 @@ fn jailed_tern_boots_with_a_jailed_disk_and_nic_and_sees_only_its_jail() {
     }
     // The limit is the one asked for.
     let _ = pinged;
-}
-
-fn wait_run(mut child: std::process::Child, deadline: Duration) -> Run {
-    use std::io::Read;
-    let start = Instant::now();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        status,
-        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned(),
-        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
-        elapsed: start.elapsed(),
-    }
 }
 
 #[test]

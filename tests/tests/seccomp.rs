@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{require_kvm, tern_bin, Run, UNIKERNEL};
+use common::{require_kvm, tern_bin, wait_child, Run, UNIKERNEL};
 
 /// 128 + SIGSYS.
 const VIOLATION_STATUS: i32 = 159;
@@ -19,36 +18,8 @@ const SYSCALL: &str = "syscall 135 (personality)";
 
 /// Waits for `child` up to `deadline`, then kills it; never panics on the
 /// deadline (a guest left waiting for a dead backend is expected here).
-fn wait(mut child: Child, deadline: Duration) -> Run {
-    let start = Instant::now();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        status,
-        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned(),
-        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
-        elapsed: start.elapsed(),
-    }
+fn wait(child: Child, deadline: Duration) -> Run {
+    wait_child(child, deadline).0
 }
 
 struct Scratch(PathBuf);

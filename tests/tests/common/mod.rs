@@ -10,7 +10,7 @@ pub mod vm;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The test unikernel built by build.rs.
@@ -133,17 +133,12 @@ impl std::fmt::Display for Run {
     }
 }
 
-/// Runs `cmd`, killing it after `deadline` (a hang is a failure, not a wait).
-pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Run {
+/// Collects `child`'s output and exit status, killing it once `deadline`
+/// has passed; says whether the deadline killed it.
+pub fn wait_child(mut child: Child, deadline: Duration) -> (Run, bool) {
     let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tern");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
     let t_out = std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = out.read_to_end(&mut s);
@@ -154,29 +149,40 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Run {
         let _ = err.read_to_end(&mut s);
         s
     });
+    let mut killed = false;
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait") {
             break st;
         }
         if start.elapsed() > deadline {
             let _ = child.kill();
-            let st = child.wait().expect("wait after kill");
-            let run = Run {
-                status: st,
-                stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned(),
-                stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
-                elapsed: start.elapsed(),
-            };
-            panic!("tern did not finish within {deadline:?}: {run}");
+            killed = true;
+            break child.wait().expect("wait after kill");
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Run {
+    let run = Run {
         status,
         stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned(),
         stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
         elapsed: start.elapsed(),
+    };
+    (run, killed)
+}
+
+/// Runs `cmd`, killing it after `deadline` (a hang is a failure, not a wait).
+pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Run {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tern");
+    let (run, killed) = wait_child(child, deadline);
+    if killed {
+        panic!("tern did not finish within {deadline:?}: {run}");
     }
+    run
 }
 
 /// Runs tern with `args` and a deadline.
