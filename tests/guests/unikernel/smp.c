@@ -5,7 +5,6 @@
 #include "smp.h"
 
 #define LAPIC_ID 0x020
-#define LAPIC_SVR 0x0f0
 #define LAPIC_ICR_LO 0x300
 #define LAPIC_ICR_HI 0x310
 #define ICR_PENDING (1u << 12)
@@ -15,9 +14,6 @@
 extern const uint8_t ap_tramp_start[], ap_tramp_end[];
 
 volatile uint32_t ap_online;
-
-static uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg); }
-static void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
 
 static void send_ipi(uint32_t apic_id, uint32_t icr)
 {

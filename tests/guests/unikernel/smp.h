@@ -4,7 +4,14 @@
 
 #include <stdint.h>
 
+#include "io.h"
+
 #define LAPIC_BASE 0xfee00000ull
+#define LAPIC_SVR 0x0f0 /* spurious vector; bit 8 enables the APIC */
+
+/* The local APIC's registers (xAPIC MMIO at its reset address). */
+static inline uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg); }
+static inline void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
 #define AP_TRAMPOLINE 0x8000 /* must match entry.S */
 
 /* APs that reached long mode (incremented with lock incl). */

@@ -47,7 +47,6 @@ void delay_ms(uint32_t ms)
 
 /* ---- idle=hlt: sleep in `hlt`, woken by the local APIC timer ---- */
 
-#define LAPIC_SVR 0x0f0
 #define LAPIC_LVT_TIMER 0x320
 #define LAPIC_LVT_LINT0 0x350
 #define LAPIC_LVT_LINT1 0x360
@@ -61,8 +60,6 @@ void delay_ms(uint32_t ms)
 static int idle_hlt;
 static uint32_t lapic_per_ms; /* timer counts per ms at divide 1; 0: not set up */
 
-static uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg); }
-static void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
 
 int timer_parse_key(const char *k, size_t kn, const char *v, size_t vn)
 {

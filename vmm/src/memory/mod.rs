@@ -327,7 +327,6 @@ fn map_ram(file: File, size: u64, huge: bool, backing: Backing) -> Result<GuestR
     })
 }
 
-/// Fails unless the host has `needed` free 2 MiB huge pages.
 /// Refuses to allocate `mib` MiB ahead when the host's MemAvailable is
 /// less: populating more than that would wake the OOM killer rather than
 /// fail. Huge pages are reserved apart and checked when created.
@@ -350,6 +349,7 @@ pub fn check_available(mib: u64) -> Result<(), MemoryError> {
     }
 }
 
+/// Fails unless the host has `needed` free 2 MiB huge pages.
 fn check_free_huge_pages(needed: u64) -> Result<(), MemoryError> {
     let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
         .ok()
